@@ -1,1 +1,455 @@
+//! Black-box tests for spotok: the real `spotokd` and `spotokctl` binaries, in a private
+//! `HOME`/`XDG_*` tree, against [`fake_spotify::FakeSpotify`] on loopback.
+//!
+//! # Layout
+//! - [`fake_spotify`]: the fake accounts service and Web API.
+//! - [`Env`]: one isolated user (temp folders, config, socket) and the commands run as it.
+//! - [`Daemon`]: a running `spotokd`, started and awaited through a `NOTIFY_SOCKET` the test
+//!   listens on (readiness, never sleeps), killed on drop.
+//! - [`Bus`]: a private `dbus-daemon`, stopped on drop.
+//!
+//! Every wait has a deadline; every process started is stopped.
 
+pub mod fake_spotify;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub use fake_spotify::{FakeSpotify, Scripted};
+
+/// How long any single command may run before the test fails.
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The folder holding the built binaries (`target/debug`), found from the test executable.
+#[must_use]
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test> -> target/debug
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf();
+    for name in ["spotokd", "spotokctl"] {
+        assert!(
+            dir.join(name).exists(),
+            "{} is missing: run `cargo build --workspace` first (scripts/test.sh does)",
+            dir.join(name).display()
+        );
+    }
+    dir
+}
+
+/// The path of a built binary.
+#[must_use]
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// Polls `check` every 20 ms until it is true or `deadline` passes.
+pub fn wait_until(deadline: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub struct Output {
+    /// Its exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+}
+
+impl Output {
+    /// Panics with both streams unless the exit code is `code`.
+    #[track_caller]
+    pub fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "expected exit {code}\nstdout: {}\nstderr: {}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Panics unless it succeeded.
+    #[track_caller]
+    pub fn ok(&self) -> &Self {
+        self.expect_code(0)
+    }
+}
+
+/// Runs `cmd` to completion with `input` on stdin, killing it after `deadline`.
+#[must_use]
+pub fn run(mut cmd: Command, input: Option<&str>, deadline: Duration) -> Output {
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    if let Some(text) = input {
+        let mut stdin = child.stdin.take().expect("stdin");
+        let text = text.to_string();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(text.as_bytes());
+        });
+    }
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = wait_child(&mut child, deadline)
+        .unwrap_or_else(|| panic!("{cmd:?} still running after {deadline:?}; killed"));
+    Output {
+        code: status.code(),
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+/// Waits for `child` up to `deadline`; kills it and returns `None` past that.
+pub fn wait_child(child: &mut Child, deadline: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One isolated user: a temp `HOME` with its own XDG folders, config and socket.
+#[derive(Debug)]
+pub struct Env {
+    /// Owns the folders; removed on drop.
+    pub dir: tempfile::TempDir,
+    /// `$HOME`.
+    pub home: PathBuf,
+    /// `$XDG_CONFIG_HOME/spotok/config.toml`.
+    pub config: PathBuf,
+    /// `$XDG_STATE_HOME/spotok`.
+    pub state: PathBuf,
+    /// `$XDG_RUNTIME_DIR`.
+    pub runtime: PathBuf,
+    /// `$XDG_RUNTIME_DIR/spotok/spotokd.sock`.
+    pub socket: PathBuf,
+    /// `DBUS_SESSION_BUS_ADDRESS` for the commands; by default a bus that does not exist.
+    pub bus: String,
+    /// Extra environment for every command.
+    pub vars: Vec<(String, String)>,
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Env {
+    /// Fresh folders, no config.
+    #[must_use]
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("spotok-test-")
+            .tempdir()
+            .expect("tempdir");
+        let home = dir.path().join("home");
+        let runtime = dir.path().join("run");
+        for d in [&home, &runtime] {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        Self {
+            config: home.join(".config/spotok/config.toml"),
+            state: home.join(".local/state/spotok"),
+            socket: runtime.join("spotok/spotokd.sock"),
+            bus: format!("unix:path={}", dir.path().join("no-bus").display()),
+            vars: Vec::new(),
+            home,
+            runtime,
+            dir,
+        }
+    }
+
+    /// Writes the config file.
+    pub fn write_config(&self, text: &str) {
+        std::fs::create_dir_all(self.config.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    /// A config for `fake`, with `extra` lines appended (e.g. `refresh_margin = "2s"`).
+    pub fn configure(&self, fake: &FakeSpotify, extra: &str) {
+        self.write_config(&format!(
+            "client_id = \"testclient\"\nstore = \"file\"\nnotify = false\n\
+             auth_url = \"{}\"\ntoken_url = \"{}\"\napi_url = \"{}\"\n{extra}\n",
+            fake.auth_url(),
+            fake.token_url(),
+            fake.api_url()
+        ));
+    }
+
+    /// A command for `bin` with this user's environment and nothing of the caller's.
+    #[must_use]
+    pub fn command(&self, bin_name: &str) -> Command {
+        let mut cmd = Command::new(bin(bin_name));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &self.home)
+            .env("XDG_CONFIG_HOME", self.home.join(".config"))
+            .env("XDG_STATE_HOME", self.home.join(".local/state"))
+            .env("XDG_DATA_HOME", self.home.join(".local/share"))
+            .env("XDG_RUNTIME_DIR", &self.runtime)
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.bus)
+            .env("SPOTOK_LOG", "debug");
+        for (k, v) in &self.vars {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs `spotokctl args…`.
+    #[must_use]
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        let mut cmd = self.command("spotokctl");
+        cmd.args(args);
+        run(cmd, None, COMMAND_DEADLINE)
+    }
+
+    /// Runs `spotokctl args…` with `input` on stdin.
+    #[must_use]
+    pub fn ctl_stdin(&self, args: &[&str], input: &str) -> Output {
+        let mut cmd = self.command("spotokctl");
+        cmd.args(args);
+        run(cmd, Some(input), COMMAND_DEADLINE)
+    }
+
+    /// Imports a fresh refresh token from `fake` and checks it worked.
+    pub fn import(&self, fake: &FakeSpotify) -> String {
+        let token = fake.issue_refresh_token();
+        self.ctl_stdin(&["import"], &token).ok();
+        token
+    }
+
+    /// Starts `spotokd args…` and waits for `READY=1`.
+    #[must_use]
+    pub fn daemon(&self, args: &[&str]) -> Daemon {
+        let daemon = self.spawn_daemon(args);
+        assert!(
+            daemon.wait_for("READY=1", Duration::from_secs(20)),
+            "spotokd did not become ready; its log:\n{}",
+            daemon.log()
+        );
+        daemon
+    }
+
+    /// Starts `spotokd args…` without waiting.
+    #[must_use]
+    pub fn spawn_daemon(&self, args: &[&str]) -> Daemon {
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        let tag = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let notify_path = self
+            .dir
+            .path()
+            .join(format!("notify-{}-{tag}-{}", std::process::id(), unique()));
+        let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+        let log_path = self.dir.path().join(format!("spotokd-{}.log", unique()));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = self.command("spotokd");
+        cmd.args(args)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log);
+        let child = cmd.spawn().expect("spawn spotokd");
+        Daemon {
+            child,
+            notify,
+            log: log_path,
+            seen: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A running `spotokd`; killed (SIGKILL) on drop if still running.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    /// Where it sends `sd_notify` messages.
+    notify: UnixDatagram,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
+    /// Every notify message received so far.
+    seen: std::cell::RefCell<Vec<String>>,
+}
+
+impl Daemon {
+    /// Its PID.
+    #[must_use]
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits")
+    }
+
+    /// Its log so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until a notify message containing the line `what` arrives (or was seen and not
+    /// yet consumed); consumes it.
+    pub fn wait_for(&self, what: &str, deadline: Duration) -> bool {
+        let end = Instant::now() + deadline;
+        loop {
+            {
+                let mut seen = self.seen.borrow_mut();
+                if let Some(i) = seen.iter().position(|m| m.lines().any(|l| l == what)) {
+                    seen.remove(i);
+                    return true;
+                }
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let _ = self
+                .notify
+                .set_read_timeout(Some(left.min(Duration::from_millis(200))));
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                self.seen
+                    .borrow_mut()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    }
+
+    /// Every notify message received and not consumed.
+    #[must_use]
+    pub fn messages(&self) -> Vec<String> {
+        let _ = self.wait_for("\u{0}never", Duration::from_millis(50));
+        self.seen.borrow().clone()
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.pid()).expect("pid");
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(rustix::process::Signal::TERM);
+        wait_child(&mut self.child, Duration::from_secs(10)).expect("spotokd stops within 10 s")
+    }
+
+    /// SIGKILL, then reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A private `dbus-daemon` (session bus configuration), stopped on drop.
+#[derive(Debug)]
+pub struct Bus {
+    /// The process.
+    child: Child,
+    /// `DBUS_SESSION_BUS_ADDRESS` for clients.
+    pub address: String,
+}
+
+impl Bus {
+    /// Starts a bus listening in `dir`. Panics with a hint when `dbus-daemon` is missing.
+    #[must_use]
+    pub fn start(dir: &Path) -> Self {
+        let socket = dir.join(format!("bus-{}", unique()));
+        let address = format!("unix:path={}", socket.display());
+        let config = dir.join(format!("bus-{}.conf", unique()));
+        std::fs::write(
+            &config,
+            format!(
+                "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\" \
+                 \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n\
+                 <busconfig><type>session</type><listen>{address}</listen>\
+                 <auth>EXTERNAL</auth>\
+                 <policy context=\"default\"><allow send_destination=\"*\" eavesdrop=\"true\"/>\
+                 <allow eavesdrop=\"true\"/><allow own=\"*\"/></policy></busconfig>\n"
+            ),
+        )
+        .expect("bus config");
+        let mut child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", config.display()))
+            .arg("--nofork")
+            .arg("--print-address")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon is missing: run scripts/test.sh, which installs it (package dbus)");
+        let mut out = child.stdout.take().expect("stdout");
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte).map(|n| n == 1).unwrap_or(false) && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        assert!(!line.is_empty(), "dbus-daemon did not start");
+        Self { child, address }
+    }
+
+    /// Stops the bus.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
