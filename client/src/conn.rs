@@ -67,8 +67,14 @@ impl Conn {
 
     /// Sends a request and reads its reply; an error reply becomes a [`Fail`].
     pub fn ask(&mut self, request: &Request) -> Result<Reply, Fail> {
-        self.send(request)?;
-        self.read()
+        match self.send(request) {
+            Ok(()) => self.read(),
+            // spotokd may have refused the connection and said why before closing.
+            Err(lost) => match self.read() {
+                Err(said) if said.kind != ErrorKind::Unreachable => Err(said),
+                _ => Err(lost),
+            },
+        }
     }
 
     /// Sends a request without reading.
