@@ -453,3 +453,133 @@ impl Drop for Bus {
         self.stop();
     }
 }
+
+/// A plain HTTP/1.1 GET on loopback (no redirects followed): status, headers, body;
+/// status 0 when the connection is refused.
+#[must_use]
+pub fn http_get(url: &str) -> (u16, Vec<(String, String)>, String) {
+    let url = url::Url::parse(url).expect("url");
+    let host = url.host_str().expect("host").trim_matches(['[', ']']);
+    let port = url.port_or_known_default().expect("port");
+    let mut stream = match std::net::TcpStream::connect((host, port)) {
+        Ok(s) => s,
+        // Status 0: nobody listens (e.g. the login's redirect listener has closed).
+        Err(e) => return (0, Vec::new(), e.to_string()),
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let target = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    };
+    write!(
+        stream,
+        "GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut raw = String::new();
+    let _ = stream.read_to_string(&mut raw);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+/// A `spotokctl login` running in the background, its stderr read line by line.
+#[derive(Debug)]
+pub struct LoginRun {
+    /// The process.
+    pub child: Child,
+    /// Its stdin, for pasting URLs.
+    pub stdin: Option<std::process::ChildStdin>,
+    /// Lines of its stderr.
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every stderr line so far.
+    pub seen: Vec<String>,
+}
+
+impl LoginRun {
+    /// Starts `spotokctl login args…`.
+    #[must_use]
+    pub fn start(env: &Env, args: &[&str]) -> Self {
+        let mut cmd = env.command("spotokctl");
+        cmd.arg("login")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn login");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line matching `pred`.
+    pub fn line(&mut self, mut pred: impl FnMut(&str) -> bool) -> Option<String> {
+        let end = Instant::now() + Duration::from_secs(30);
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line.clone());
+            if pred(&line) {
+                return Some(line);
+            }
+        }
+        None
+    }
+
+    /// The authorize URL it printed.
+    #[must_use]
+    pub fn url(&mut self) -> String {
+        self.line(|l| l.trim_start().starts_with("http"))
+            .unwrap_or_else(|| panic!("no URL printed: {:?}", self.seen))
+            .trim()
+            .to_string()
+    }
+
+    /// Pastes a line on its stdin.
+    pub fn paste(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{text}").expect("paste");
+        stdin.flush().expect("flush");
+    }
+
+    /// Waits for the exit; returns the code and everything it wrote to stderr.
+    pub fn finish(mut self) -> (Option<i32>, String) {
+        let status = wait_child(&mut self.child, Duration::from_secs(30));
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(line);
+        }
+        (status.and_then(|s| s.code()), self.seen.join("\n"))
+    }
+}
+
+impl Drop for LoginRun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
