@@ -79,7 +79,8 @@ impl Conn {
 
     /// Sends a request without reading.
     pub fn send(&mut self, request: &Request) -> Result<(), Fail> {
-        let mut bytes = serde_json::to_vec(request).map_err(|e| Fail::new(ErrorKind::Failed, e.to_string()))?;
+        let mut bytes =
+            serde_json::to_vec(request).map_err(|e| Fail::new(ErrorKind::Failed, e.to_string()))?;
         bytes.push(b'\n');
         self.stream
             .get_mut()
@@ -116,7 +117,10 @@ impl Conn {
     fn lost(&self, e: &std::io::Error) -> Fail {
         Fail::new(
             ErrorKind::Unreachable,
-            format!("lost the connection to spotokd at {}: {e}", self.path.display()),
+            format!(
+                "lost the connection to spotokd at {}: {e}",
+                self.path.display()
+            ),
         )
     }
 }

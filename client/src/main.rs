@@ -34,6 +34,7 @@ impl Fail {
 
 /// Get a current Spotify access token from spotokd, and manage its login.
 #[derive(Debug, Parser)]
+#[allow(clippy::doc_markdown)] // These doc comments are the --help text, not rustdoc.
 #[command(name = "spotokctl", version, about, propagate_version = true)]
 pub struct Cli {
     /// spotokd's socket [default: $SPOTOK_SOCKET, else $XDG_RUNTIME_DIR/spotok/spotokd.sock]
@@ -52,6 +53,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 
 /// What to do.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::doc_markdown)] // These doc comments are the --help text, not rustdoc.
 pub enum Verb {
     /// Print a current access token
     Get {

@@ -1,5 +1,6 @@
 //! One function per verb.
 
+use std::fmt::Write as _;
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,7 +14,7 @@ use crate::{Cli, Fail, Verb};
 
 /// Runs the verb.
 pub fn run(cli: Cli) -> Result<(), Fail> {
-    let socket = socket_path(cli.socket.clone());
+    let socket = socket_path(cli.socket.as_deref());
     let json = cli.json;
     match cli.verb {
         Verb::Get {
@@ -39,7 +40,12 @@ pub fn run(cli: Cli) -> Result<(), Fail> {
         } => exec(&socket, &env, min_valid, &command),
         Verb::Watch => watch(&socket, json),
         Verb::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "spotokctl", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "spotokctl",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
         Verb::Man => clap_mangen::Man::new(Cli::command())
@@ -48,9 +54,9 @@ pub fn run(cli: Cli) -> Result<(), Fail> {
     }
 }
 
-fn socket_path(flag: Option<PathBuf>) -> PathBuf {
+fn socket_path(flag: Option<&std::path::Path>) -> PathBuf {
     let uid = rustix::process::getuid().as_raw();
-    spotok_proto::paths::socket(&|k| std::env::var_os(k), flag.as_deref(), uid)
+    spotok_proto::paths::socket(&|k| std::env::var_os(k), flag, uid)
 }
 
 fn out(text: &str) -> Result<(), Fail> {
@@ -115,7 +121,10 @@ fn get(
 fn status(socket: &std::path::Path, json: bool) -> Result<(), Fail> {
     let mut conn = Conn::open(socket, Some(Duration::from_secs(10)))?;
     let Reply::Status(status) = conn.ask(&Request::Status)? else {
-        return Err(Fail::new(ErrorKind::ProtocolMismatch, "unexpected reply to status"));
+        return Err(Fail::new(
+            ErrorKind::ProtocolMismatch,
+            "unexpected reply to status",
+        ));
     };
     if json {
         return json_line(&serde_json::to_value(&status).unwrap_or_default());
@@ -155,23 +164,24 @@ fn render_status(s: &Status) -> String {
     let mut text = format!("state:        {}\n", s.state.as_str());
     if let Some(at) = s.expires_at {
         let verb = if at > now() { "expires" } else { "expired" };
-        text += &format!("token:        {verb} {} (unix {at})\n", relative(at));
+        let _ = writeln!(text, "token:        {verb} {} (unix {at})", relative(at));
     }
     if let Some(at) = s.refresh_at {
-        text += &format!("next refresh: {}\n", relative(at));
+        let _ = writeln!(text, "next refresh: {}", relative(at));
     }
     if !s.scopes.is_empty() {
-        text += &format!("scopes:       {}\n", s.scopes.join(" "));
+        let _ = writeln!(text, "scopes:       {}", s.scopes.join(" "));
     }
     if let Some(at) = s.login_expires_at {
-        text += &format!("login ends:   {} (unix {at})\n", relative(at));
+        let _ = writeln!(text, "login ends:   {} (unix {at})", relative(at));
     }
-    text += &format!("store:        {}\n", s.store.as_str());
+    let _ = writeln!(text, "store:        {}", s.store.as_str());
     if let Some(e) = &s.last_error {
-        text += &format!("last error:   {e}\n");
+        let _ = writeln!(text, "last error:   {e}");
     }
-    text += &format!(
-        "version:      spotokd {} (protocol {}), spotokctl {}\n",
+    let _ = writeln!(
+        text,
+        "version:      spotokd {} (protocol {}), spotokctl {}",
         s.version,
         s.protocol,
         env!("CARGO_PKG_VERSION")
@@ -212,7 +222,8 @@ fn login(
         Reply::LoginStarted { url, redirect_uri } => (url, redirect_uri),
         other => return Err(unexpected(&other)),
     };
-    let display = std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+    let display =
+        std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
     eprintln!("Open this URL in a browser to log in to Spotify:\n\n  {url}\n");
     eprintln!("(Your Spotify app must list {redirect_uri} as a redirect URI.)");
     if !no_browser && display {
@@ -261,8 +272,11 @@ fn paste(socket: &std::path::Path) {
         if url.is_empty() {
             continue;
         }
-        let result = Conn::open(socket, Some(Duration::from_secs(60)))
-            .and_then(|mut c| c.ask(&Request::LoginRedirect { url: url.to_string() }));
+        let result = Conn::open(socket, Some(Duration::from_secs(60))).and_then(|mut c| {
+            c.ask(&Request::LoginRedirect {
+                url: url.to_string(),
+            })
+        });
         match result {
             Ok(_) => return,
             Err(f) => eprintln!("spotokctl: {}", f.message),
@@ -353,7 +367,10 @@ fn exec(
 ) -> Result<(), Fail> {
     use std::os::unix::process::CommandExt;
     if env.is_empty() || env.contains('=') || env.contains('\0') {
-        return Err(Fail::new(ErrorKind::InvalidArgs, format!("{env:?} is not a variable name")));
+        return Err(Fail::new(
+            ErrorKind::InvalidArgs,
+            format!("{env:?} is not a variable name"),
+        ));
     }
     let (token, _, _) = token(socket, min_valid, Vec::new(), Duration::from_secs(30))?;
     let error = std::process::Command::new(&command[0])
@@ -371,7 +388,10 @@ fn watch(socket: &std::path::Path, json: bool) -> Result<(), Fail> {
     conn.send(&Request::Watch)?;
     loop {
         let Reply::Status(s) = conn.read()? else {
-            return Err(Fail::new(ErrorKind::ProtocolMismatch, "unexpected reply to watch"));
+            return Err(Fail::new(
+                ErrorKind::ProtocolMismatch,
+                "unexpected reply to watch",
+            ));
         };
         if json {
             json_line(&serde_json::to_value(&s).unwrap_or_default())?;

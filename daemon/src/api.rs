@@ -31,18 +31,16 @@ async fn me(handle: &Handle) -> Result<Me, Failure> {
     let token = handle
         .token(Duration::from_secs(10), &[], Duration::from_secs(30))
         .await?;
-    match get_me(handle, &token).await? {
-        Some(me) => Ok(me),
-        None => {
-            let token = handle.refresh().await?;
-            get_me(handle, &token).await?.ok_or_else(|| {
-                Failure::new(
-                    ErrorKind::NeedsLogin,
-                    "Spotify refused a freshly refreshed token (401): run `spotokctl login`",
-                )
-            })
-        }
+    if let Some(me) = get_me(handle, &token).await? {
+        return Ok(me);
     }
+    let token = handle.refresh().await?;
+    get_me(handle, &token).await?.ok_or_else(|| {
+        Failure::new(
+            ErrorKind::NeedsLogin,
+            "Spotify refused a freshly refreshed token (401): run `spotokctl login`",
+        )
+    })
 }
 
 /// `Ok(None)` on a 401, for the caller to refresh once.
@@ -56,12 +54,20 @@ async fn get_me(handle: &Handle, token: &Token) -> Result<Option<Me>, Failure> {
         .bearer_auth(token.access.expose())
         .send()
         .await
-        .map_err(|e| fail(ErrorKind::Unavailable, format!("cannot reach the Web API: {e}")))?;
+        .map_err(|e| {
+            fail(
+                ErrorKind::Unavailable,
+                format!("cannot reach the Web API: {e}"),
+            )
+        })?;
     let status = response.status().as_u16();
     let body = response.bytes().await.unwrap_or_default();
     match status {
         200 => serde_json::from_slice(&body).map(Some).map_err(|e| {
-            fail(ErrorKind::Failed, format!("unexpected answer from {url}: {e}"))
+            fail(
+                ErrorKind::Failed,
+                format!("unexpected answer from {url}: {e}"),
+            )
         }),
         401 => Ok(None),
         403 => Err(fail(

@@ -110,7 +110,9 @@ impl Alarm {
                     return;
                 }
                 // ECANCELED: the clock was set. The timer stays armed; let the caller look.
-                Ok(Err(e)) if e.raw_os_error() == Some(rustix::io::Errno::CANCELED.raw_os_error()) => {
+                Ok(Err(e))
+                    if e.raw_os_error() == Some(rustix::io::Errno::CANCELED.raw_os_error()) =>
+                {
                     self.armed = None;
                     return;
                 }
@@ -128,9 +130,7 @@ mod tests {
     async fn fires_at_a_wall_clock_deadline_and_not_before() {
         let mut alarm = Alarm::new().unwrap();
         let start = std::time::Instant::now();
-        alarm
-            .set(Some(now() + Duration::from_millis(150)))
-            .unwrap();
+        alarm.set(Some(now() + Duration::from_millis(150))).unwrap();
         alarm.fired().await;
         assert!(start.elapsed() >= Duration::from_millis(140));
     }
@@ -143,8 +143,7 @@ mod tests {
             .await
             .unwrap();
         alarm.set(None).unwrap();
-        let waited =
-            tokio::time::timeout(Duration::from_millis(100), alarm.fired()).await;
+        let waited = tokio::time::timeout(Duration::from_millis(100), alarm.fired()).await;
         assert!(waited.is_err());
     }
 }

@@ -164,8 +164,7 @@ impl Config {
         let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.into(),
             message: e.message().trim().to_string()
-                + &e
-                    .span()
+                + &e.span()
                     .map(|s| format!(" (line {})", line_of(text, s.start)))
                     .unwrap_or_default(),
         })?;
@@ -179,18 +178,17 @@ impl Config {
             Url::parse(text).map_err(|e| bad(key, format!("{text:?} is not a URL ({e})")))
         };
 
-        let client_id = match raw.client_id.map(|s| s.trim().to_string()) {
-            Some(id) if id.is_empty() => None,
-            Some(id) if !id.chars().all(|c| c.is_ascii_alphanumeric()) => {
-                return Err(bad(
+        let client_id =
+            match raw.client_id.map(|s| s.trim().to_string()) {
+                Some(id) if id.is_empty() => None,
+                Some(id) if !id.chars().all(|c| c.is_ascii_alphanumeric()) => return Err(bad(
                     "client_id",
                     "a Spotify client id is made of letters and digits; copy it from your app's \
                      page on the developer dashboard"
                         .into(),
-                ))
-            }
-            other => other,
-        };
+                )),
+                other => other,
+            };
         let secret_file = raw
             .client_secret_file
             .map(|p| resolve(path, &p))
@@ -199,30 +197,13 @@ impl Config {
                     .map(|dir| dir.join("client_secret"))
                     .filter(|p| p.exists())
             });
-        let client_secret = match secret_file {
-            None => None,
-            Some(file) => {
-                let text = std::fs::read_to_string(&file).map_err(|e| {
-                    bad(
-                        "client_secret_file",
-                        format!("cannot read {}: {e}", file.display()),
-                    )
-                })?;
-                let secret = text.trim();
-                if secret.is_empty() {
-                    return Err(bad(
-                        "client_secret_file",
-                        format!("{} is empty", file.display()),
-                    ));
-                }
-                Some(ClientSecret(secret.to_string()))
-            }
-        };
+        let client_secret = secret_file
+            .map(|file| read_secret(&file).map_err(|m| bad("client_secret_file", m)))
+            .transpose()?;
         let redirect_text = raw
             .redirect_uri
             .unwrap_or_else(|| "http://127.0.0.1:8898/callback".into());
-        let redirect_uri =
-            check_redirect(&redirect_text).map_err(|m| bad("redirect_uri", m))?;
+        let redirect_uri = check_redirect(&redirect_text).map_err(|m| bad("redirect_uri", m))?;
         let refresh_margin = match raw.refresh_margin {
             None => Duration::from_secs(300),
             Some(text) => {
@@ -263,6 +244,16 @@ impl Config {
             api_url: url("api_url", raw.api_url, "https://api.spotify.com/v1")?,
             state_dir,
         })
+    }
+}
+
+/// The secret in `file`, without surrounding whitespace.
+fn read_secret(file: &Path) -> Result<ClientSecret, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    match text.trim() {
+        "" => Err(format!("{} is empty", file.display())),
+        secret => Ok(ClientSecret(secret.to_string())),
     }
 }
 
@@ -327,7 +318,10 @@ mod tests {
         assert_eq!(c.redirect_uri.as_str(), "http://127.0.0.1:8898/callback");
         assert_eq!(c.store, StoreChoice::Auto);
         assert!(c.notify);
-        assert_eq!(c.token_url.as_str(), "https://accounts.spotify.com/api/token");
+        assert_eq!(
+            c.token_url.as_str(),
+            "https://accounts.spotify.com/api/token"
+        );
         assert_eq!(c.state_dir, Path::new("/s"));
     }
 
@@ -359,7 +353,9 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_file() {
-        let e = parse("client_id = \"a\"\nrefresh_margn = \"5m\"\n").unwrap_err().to_string();
+        let e = parse("client_id = \"a\"\nrefresh_margn = \"5m\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/c/config.toml"), "{e}");
         assert!(e.contains("refresh_margn"), "{e}");
         assert!(e.contains("line 2"), "{e}");
@@ -376,7 +372,10 @@ mod tests {
             ("scopes = [\"a b\"]", "scopes"),
         ] {
             let e = parse(text).unwrap_err().to_string();
-            assert!(e.contains(key) && e.contains("/c/config.toml"), "{text}: {e}");
+            assert!(
+                e.contains(key) && e.contains("/c/config.toml"),
+                "{text}: {e}"
+            );
         }
     }
 
@@ -386,13 +385,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("redirect_uri"), "{e}");
-        assert!(e.contains("localhost is not allowed as redirect URI"), "{e}");
+        assert!(
+            e.contains("localhost is not allowed as redirect URI"),
+            "{e}"
+        );
         for bad in [
             "http://192.168.1.2:8898/cb",
             "https://127.0.0.1/cb",
             "http://127.0.0.1/cb?x=1",
         ] {
-            assert!(parse(&format!("redirect_uri = \"{bad}\"")).is_err(), "{bad}");
+            assert!(
+                parse(&format!("redirect_uri = \"{bad}\"")).is_err(),
+                "{bad}"
+            );
         }
     }
 
@@ -400,10 +405,21 @@ mod tests {
     fn secret_from_file_or_credentials_trimmed() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("client_secret"), "  s3cret \n").unwrap();
-        let c = Config::parse("", Path::new("/c/x.toml"), Path::new("/s"), Some(dir.path()))
-            .unwrap();
-        assert_eq!(c.client_secret.as_ref().map(ClientSecret::expose), Some("s3cret"));
-        assert_eq!(format!("{:?}", c.client_secret), "Some(ClientSecret(<redacted>))");
+        let c = Config::parse(
+            "",
+            Path::new("/c/x.toml"),
+            Path::new("/s"),
+            Some(dir.path()),
+        )
+        .unwrap();
+        assert_eq!(
+            c.client_secret.as_ref().map(ClientSecret::expose),
+            Some("s3cret")
+        );
+        assert_eq!(
+            format!("{:?}", c.client_secret),
+            "Some(ClientSecret(<redacted>))"
+        );
         let text = format!(
             "client_secret_file = \"{}\"",
             dir.path().join("missing").display()

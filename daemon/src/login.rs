@@ -11,7 +11,9 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use oauth2::{AuthUrl, ClientId, CsrfToken, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope};
+use oauth2::{
+    AuthUrl, ClientId, CsrfToken, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+};
 use spotok_proto::{ErrorKind, Reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -33,9 +35,12 @@ const MAX_HEAD: usize = 16 * 1024;
 pub struct Logins {
     /// The login waiting for its redirect, if any.
     pending: Arc<Mutex<Option<Pending>>>,
-    /// The outcome of the latest login: `None` while it runs.
-    outcome: Arc<Mutex<Option<watch::Sender<Option<Result<(), Failure>>>>>>,
+    /// The outcome of the latest login.
+    outcome: Arc<Mutex<Option<Outcome>>>,
 }
+
+/// Where a login's result is published: `None` while it runs.
+type Outcome = watch::Sender<Option<Result<(), Failure>>>;
 
 /// What a pending login must remember to finish.
 #[derive(Debug)]
@@ -49,7 +54,7 @@ struct Pending {
     /// Scopes asked for, in case the exchange answer does not say.
     scopes: Vec<String>,
     /// Where the outcome goes.
-    outcome: watch::Sender<Option<Result<(), Failure>>>,
+    outcome: Outcome,
     /// The redirect listener; aborted when the login ends or is replaced.
     listener: tokio::task::AbortHandle,
 }
@@ -57,7 +62,9 @@ struct Pending {
 impl Logins {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Pending>> {
         // A panic while holding this lock is a bug; the data (an Option) stays consistent.
-        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -238,7 +245,10 @@ pub async fn wait(handle: &Handle) -> Reply {
         .as_ref()
         .map(watch::Sender::subscribe);
     let Some(mut rx) = rx else {
-        return Reply::error(ErrorKind::InvalidArgs, "no login is running: run `spotokctl login`");
+        return Reply::error(
+            ErrorKind::InvalidArgs,
+            "no login is running: run `spotokctl login`",
+        );
     };
     let outcome = rx.wait_for(Option::is_some).await.map(|o| o.clone());
     match outcome {
@@ -289,7 +299,8 @@ async fn finish(handle: &Handle, url: &str) -> Result<(), Failure> {
             ));
         }
         // The right state: this redirect ends the login, and a replay finds nothing pending.
-        slot.take().ok_or_else(|| bad("no login is waiting".into()))?
+        slot.take()
+            .ok_or_else(|| bad("no login is waiting".into()))?
     };
     pending.listener.abort();
     let result = exchange(handle, &pending, &params).await;
@@ -312,7 +323,10 @@ async fn exchange(
         } else {
             format!("Spotify ended the login with error={error}; check the app's settings")
         };
-        return Err(Failure::new(ErrorKind::Failed, format!("login failed: {hint}")));
+        return Err(Failure::new(
+            ErrorKind::Failed,
+            format!("login failed: {hint}"),
+        ));
     }
     let code = params
         .get("code")
@@ -320,7 +334,11 @@ async fn exchange(
     let config = handle.snapshot().config.clone();
     let client = oauth_client(&config, &handle.http)?;
     let grant = client
-        .exchange(code, pending.redirect_uri.as_str(), pending.verifier.secret())
+        .exchange(
+            code,
+            pending.redirect_uri.as_str(),
+            pending.verifier.secret(),
+        )
         .await
         .map_err(|e| {
             Failure::new(
@@ -339,7 +357,10 @@ async fn exchange(
         client_id: config.client_id.clone().unwrap_or_default(),
         token_url: config.token_url.to_string(),
         login_at: clock::unix(clock::now()),
-        scopes: grant.scopes.clone().unwrap_or_else(|| pending.scopes.clone()),
+        scopes: grant
+            .scopes
+            .clone()
+            .unwrap_or_else(|| pending.scopes.clone()),
     };
     handle.adopt(login, grant).await.map(|_| ())
 }
@@ -429,5 +450,7 @@ async fn read_target(stream: &mut TcpStream) -> std::io::Result<Option<String>> 
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

@@ -87,7 +87,10 @@ fn start(args: Args) -> anyhow::Result<ExitCode> {
         daemonize::Outcome::Parent(Err(e)) => Err(e).context("cannot daemonize"),
         daemonize::Outcome::Child(Err(e)) => {
             let message = match &args.pidfile {
-                Some(p) => format!("cannot daemonize ({e}): is another spotokd holding {}?", p.display()),
+                Some(p) => format!(
+                    "cannot daemonize ({e}): is another spotokd holding {}?",
+                    p.display()
+                ),
                 None => format!("cannot daemonize: {e}"),
             };
             let _ = writer.write_all(message.as_bytes());

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use spotok_proto::wire::{StoreKind, Status};
+use spotok_proto::wire::{Status, StoreKind};
 use spotok_proto::{AccessToken, ErrorKind, RefreshToken, State};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -110,7 +110,9 @@ impl Snapshot {
                 ErrorKind::NeedsLogin,
                 format!(
                     "{}: run `spotokctl login`",
-                    self.last_error.as_deref().unwrap_or("a new login is needed")
+                    self.last_error
+                        .as_deref()
+                        .unwrap_or("a new login is needed")
                 ),
             )),
             _ => None,
@@ -206,10 +208,7 @@ impl Handle {
         self.snapshot.clone()
     }
 
-    async fn ask<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Command,
-    ) -> Result<T, Failure> {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Failure> {
         let gone = || Failure::new(ErrorKind::Failed, "spotokd is shutting down");
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).await.map_err(|_| gone())?;
@@ -231,9 +230,7 @@ impl Handle {
         if let Some(missing) = scopes.iter().find(|s| !snap.scopes.contains(s)) {
             return Err(Failure::new(
                 ErrorKind::InsufficientScope,
-                format!(
-                    "the login lacks scope {missing}: run `spotokctl login --scope {missing}`"
-                ),
+                format!("the login lacks scope {missing}: run `spotokctl login --scope {missing}`"),
             ));
         }
         let now = clock::now();
@@ -380,6 +377,7 @@ pub struct Manager {
 
 impl Manager {
     /// Builds the owner from a loaded login (or the error loading it), and its handle.
+    #[must_use]
     pub fn new(
         config: Config,
         store: Store,
@@ -436,7 +434,10 @@ impl Manager {
                 http,
                 logins: crate::login::Logins::default(),
             },
-            Receivers { commands: rx, done: done_rx },
+            Receivers {
+                commands: rx,
+                done: done_rx,
+            },
         )
     }
 
@@ -467,7 +468,9 @@ impl Manager {
         if self.stopping.is_some() {
             return None;
         }
-        let refresh = self.next_refresh.filter(|_| self.can_refresh() && !self.in_flight);
+        let refresh = self
+            .next_refresh
+            .filter(|_| self.can_refresh() && !self.in_flight);
         match (refresh, self.unsaved_retry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -498,19 +501,25 @@ impl Manager {
 
     fn publish(&self) {
         let last_error = match &self.login {
-            Some(login) if self.config.client_id.is_some() && !self.matches(login) => Some(format!(
+            Some(login) if self.config.client_id.is_some() && !self.matches(login) => {
+                Some(format!(
                 "the stored login belongs to client id {} at {}, but the config now says {} at {}",
                 login.client_id,
                 login.token_url,
                 self.config.client_id.as_deref().unwrap_or("none"),
                 self.config.token_url
-            )),
+            ))
+            }
             _ => self.last_error.clone(),
         };
         let snap = Snapshot {
             state: self.state(),
             token: self.token.clone(),
-            scopes: self.login.as_ref().map(|l| l.scopes.clone()).unwrap_or_default(),
+            scopes: self
+                .login
+                .as_ref()
+                .map(|l| l.scopes.clone())
+                .unwrap_or_default(),
             refresh_at: self.next_refresh.filter(|_| self.can_refresh()),
             login_at: self.login.as_ref().map(|l| clock::from_unix(l.login_at)),
             store: self.store.kind(),
@@ -809,11 +818,9 @@ impl Manager {
 
     async fn alarm(&mut self) {
         let now = clock::now();
-        if self.unsaved_retry.is_some_and(|t| t <= now) {
-            if self.save().await.is_ok() {
-                tracing::info!("the login was saved after all");
-                self.last_error = None;
-            }
+        if self.unsaved_retry.is_some_and(|t| t <= now) && self.save().await.is_ok() {
+            tracing::info!("the login was saved after all");
+            self.last_error = None;
         }
         if self.next_refresh.is_some_and(|t| t <= now) {
             self.start_refresh();

@@ -49,6 +49,7 @@ pub enum TokenError {
 
 /// How the client authenticates at the token endpoint.
 #[derive(Debug, Clone)]
+#[allow(clippy::struct_field_names)] // `client_id` is Spotify's name for it.
 pub struct Client {
     /// Shared connection pool.
     http: reqwest::Client,
@@ -143,21 +144,20 @@ impl Client {
             }
             body.finish()
         };
-        let response = request.body(body).send().await.map_err(|e| {
-            TokenError::Transient {
-                reason: format!("cannot reach {}: {}", host(&self.token_url), describe(&e)),
-                retry_after: None,
-            }
-        })?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response
-            .bytes()
+        let response = request
+            .body(body)
+            .send()
             .await
             .map_err(|e| TokenError::Transient {
-                reason: format!("reading the answer failed: {}", describe(&e)),
+                reason: format!("cannot reach {}: {}", host(&self.token_url), describe(&e)),
                 retry_after: None,
             })?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.map_err(|e| TokenError::Transient {
+            reason: format!("reading the answer failed: {}", describe(&e)),
+            retry_after: None,
+        })?;
         classify(status, &headers, &body)
     }
 }
@@ -208,7 +208,10 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &[u8]) -> Result<Grant, 
             Ok(Grant {
                 access_token: AccessToken::new(json.access_token),
                 expires_in: Duration::from_secs(json.expires_in),
-                refresh_token: json.refresh_token.filter(|t| !t.is_empty()).map(RefreshToken::new),
+                refresh_token: json
+                    .refresh_token
+                    .filter(|t| !t.is_empty())
+                    .map(RefreshToken::new),
                 scopes: json
                     .scope
                     .map(|s| s.split_whitespace().map(str::to_string).collect()),
@@ -217,7 +220,8 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &[u8]) -> Result<Grant, 
         408 | 429 | 500..=599 => Err(transient(format!("Spotify answered HTTP {status}"))),
         _ => match serde_json::from_slice::<ErrorJson>(body) {
             Ok(e) if e.error == "invalid_grant" => Err(TokenError::InvalidGrant(
-                e.error_description.unwrap_or_else(|| "no description".into()),
+                e.error_description
+                    .unwrap_or_else(|| "no description".into()),
             )),
             Ok(e) if e.error == "invalid_client" => Err(TokenError::Config(format!(
                 "Spotify says the client is invalid (invalid_client: {}): check client_id and \
@@ -229,7 +233,7 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &[u8]) -> Result<Grant, 
                 e.error,
                 e.error_description.unwrap_or_default()
             ))),
-            Err(_) if status >= 400 && status < 500 => Err(TokenError::Config(format!(
+            Err(_) if (400..500).contains(&status) => Err(TokenError::Config(format!(
                 "Spotify refused the request (HTTP {status}) without an error body: check \
                  token_url in the config"
             ))),
@@ -265,7 +269,8 @@ mod tests {
 
     #[test]
     fn success_without_rotation_keeps_no_refresh_token() {
-        let body = br#"{"access_token":"BQa","token_type":"Bearer","expires_in":3600,"scope":"a b"}"#;
+        let body =
+            br#"{"access_token":"BQa","token_type":"Bearer","expires_in":3600,"scope":"a b"}"#;
         let g = classify(200, &headers(None), body).unwrap();
         assert_eq!(g.access_token.expose(), "BQa");
         assert_eq!(g.expires_in, Duration::from_secs(3600));
@@ -285,7 +290,10 @@ mod tests {
     fn transient_statuses_and_retry_after() {
         for status in [408, 429, 500, 502, 503, 504] {
             assert!(
-                matches!(classify(status, &headers(None), b""), Err(TokenError::Transient { .. })),
+                matches!(
+                    classify(status, &headers(None), b""),
+                    Err(TokenError::Transient { .. })
+                ),
                 "{status}"
             );
         }
@@ -298,7 +306,13 @@ mod tests {
             }
         );
         let e = classify(503, &headers(Some("Wed, 21 Oct 2015 07:28:00 GMT")), b"").unwrap_err();
-        assert!(matches!(e, TokenError::Transient { retry_after: None, .. }));
+        assert!(matches!(
+            e,
+            TokenError::Transient {
+                retry_after: None,
+                ..
+            }
+        ));
     }
 
     #[test]

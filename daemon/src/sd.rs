@@ -47,6 +47,7 @@ pub fn watchdog() -> Option<std::time::Duration> {
 /// Takes the first socket systemd passed (`LISTEN_FDS`), if it was meant for this process.
 /// Must run before any thread starts: it clears the variables so children do not inherit
 /// them.
+#[must_use]
 pub fn take_listen_fd() -> Option<OwnedFd> {
     let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
     let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;

@@ -301,7 +301,10 @@ async fn dispatch(handle: &Handle, request: Request) -> Reply {
 }
 
 /// Reads up to a newline into `buf` (without it), refusing lines over [`MAX_LINE`].
-async fn read_line(read: &mut BufReader<OwnedReadHalf>, buf: &mut Vec<u8>) -> std::io::Result<Line> {
+async fn read_line(
+    read: &mut BufReader<OwnedReadHalf>,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Line> {
     loop {
         let available = read.fill_buf().await?;
         if available.is_empty() {

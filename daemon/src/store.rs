@@ -66,12 +66,7 @@ impl FileStore {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(StoreError(format!(
-                    "cannot read {}: {e}",
-                    path.display()
-                )))
-            }
+            Err(e) => return Err(StoreError(format!("cannot read {}: {e}", path.display()))),
         };
         serde_json::from_slice(&bytes).map(Some).map_err(|e| {
             StoreError(format!(
@@ -118,9 +113,8 @@ impl FileStore {
     /// Removes the login; no login is not an error.
     pub fn delete(&self) -> Result<(), StoreError> {
         match std::fs::remove_file(self.path()) {
-            Ok(()) => sync_dir(&self.dir).map_err(|e| {
-                StoreError(format!("cannot sync {}: {e}", self.dir.display()))
-            }),
+            Ok(()) => sync_dir(&self.dir)
+                .map_err(|e| StoreError(format!("cannot sync {}: {e}", self.dir.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(StoreError(format!(
                 "cannot remove {}: {e}",
@@ -153,7 +147,7 @@ impl Store {
     /// Reads the login.
     pub async fn load(&self) -> Result<Option<Login>, StoreError> {
         match self {
-            Self::File(f) => blocking(f.clone(), |f| f.load()).await,
+            Self::File(f) => blocking(f.clone(), FileStore::load).await,
         }
     }
 
@@ -170,7 +164,7 @@ impl Store {
     /// Forgets the login.
     pub async fn delete(&self) -> Result<(), StoreError> {
         match self {
-            Self::File(f) => blocking(f.clone(), |f| f.delete()).await,
+            Self::File(f) => blocking(f.clone(), FileStore::delete).await,
         }
     }
 }
@@ -211,9 +205,14 @@ mod tests {
         assert_eq!(store.load().unwrap(), None);
         store.save(&login("AQ1")).unwrap();
         assert_eq!(store.load().unwrap(), Some(login("AQ1")));
-        let dir_mode = std::fs::metadata(tmp.path().join("state/spotok")).unwrap().mode();
+        let dir_mode = std::fs::metadata(tmp.path().join("state/spotok"))
+            .unwrap()
+            .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
-        assert_eq!(std::fs::metadata(store.path()).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(store.path()).unwrap().mode() & 0o777,
+            0o600
+        );
         store.save(&login("AQ2")).unwrap();
         assert_eq!(store.load().unwrap(), Some(login("AQ2")));
         let leftovers: Vec<_> = std::fs::read_dir(tmp.path().join("state/spotok"))

@@ -14,9 +14,7 @@ pub const SOCKET_NAME: &str = "spotokd.sock";
 
 /// A variable, ignoring empty and relative values as the XDG base directory spec asks.
 fn absolute(env: &dyn Fn(&str) -> Option<OsString>, name: &str) -> Option<PathBuf> {
-    env(name)
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
+    env(name).map(PathBuf::from).filter(|p| p.is_absolute())
 }
 
 fn home_or(env: &dyn Fn(&str) -> Option<OsString>, xdg: &str, fallback: &str) -> PathBuf {
@@ -140,7 +138,10 @@ mod tests {
             Path::new("/home/u/.config/spotok/config.toml")
         );
         assert_eq!(state_dir(&e), Path::new("/home/u/.local/state/spotok"));
-        assert_eq!(socket(&e, None, 42), Path::new("/tmp/spotok-42/spotokd.sock"));
+        assert_eq!(
+            socket(&e, None, 42),
+            Path::new("/tmp/spotok-42/spotokd.sock")
+        );
     }
 
     #[test]
@@ -160,10 +161,12 @@ mod tests {
     fn private_dir_creates_0700_and_tightens() {
         let tmp = std::env::temp_dir().join(format!("spotok-proto-test-{}", std::process::id()));
         let dir = tmp.join("a/b");
-        let uid = std::fs::metadata(std::env::temp_dir()).map(|_| ()).map(|()| {
-            std::fs::create_dir_all(&tmp).unwrap();
-            std::fs::metadata(&tmp).unwrap().uid()
-        });
+        let uid = std::fs::metadata(std::env::temp_dir())
+            .map(|_| ())
+            .map(|()| {
+                std::fs::create_dir_all(&tmp).unwrap();
+                std::fs::metadata(&tmp).unwrap().uid()
+            });
         let uid = uid.unwrap();
         private_dir(&dir, uid).unwrap();
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);

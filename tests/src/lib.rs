@@ -10,9 +10,13 @@
 //!
 //! Every wait has a deadline; every process started is stopped.
 
+// Helpers such as `Output::ok` are called for their assertions; their results may be ignored.
+#![allow(clippy::must_use_candidate)]
+
 pub mod fake_spotify;
 
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -190,7 +194,6 @@ impl Env {
         for d in [&home, &runtime] {
             std::fs::create_dir_all(d).expect("mkdir");
         }
-        use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).expect("chmod");
         Self {
             config: home.join(".config/spotok/config.toml"),
@@ -280,10 +283,10 @@ impl Env {
     pub fn spawn_daemon(&self, args: &[&str]) -> Daemon {
         let n = std::sync::atomic::AtomicUsize::new(0);
         let tag = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let notify_path = self
-            .dir
-            .path()
-            .join(format!("notify-{}-{tag}-{}", std::process::id(), unique()));
+        let notify_path =
+            self.dir
+                .path()
+                .join(format!("notify-{}-{tag}-{}", std::process::id(), unique()));
         let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
         let log_path = self.dir.path().join(format!("spotokd-{}.log", unique()));
         let log = std::fs::File::create(&log_path).expect("log file");
@@ -409,7 +412,14 @@ impl Bus {
     #[must_use]
     pub fn start(dir: &Path) -> Self {
         let socket = dir.join(format!("bus-{}", unique()));
-        let address = format!("unix:path={}", socket.display());
+        Self::start_at(dir, &format!("unix:path={}", socket.display()))
+    }
+
+    /// Starts a bus listening on `address` (`unix:path=…`), e.g. the address of a bus that was
+    /// stopped, to play a restart of the session bus. Its config file goes in `dir`.
+    #[must_use]
+    pub fn start_at(dir: &Path, address: &str) -> Self {
+        let address = address.to_string();
         let config = dir.join(format!("bus-{}.conf", unique()));
         std::fs::write(
             &config,
@@ -430,11 +440,13 @@ impl Bus {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("dbus-daemon is missing: run scripts/test.sh, which installs it (package dbus)");
+            .expect(
+                "dbus-daemon is missing: run scripts/test.sh, which installs it (package dbus)",
+            );
         let mut out = child.stdout.take().expect("stdout");
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
-        while out.read(&mut byte).map(|n| n == 1).unwrap_or(false) && byte[0] != b'\n' {
+        while out.read(&mut byte).is_ok_and(|n| n == 1) && byte[0] != b'\n' {
             line.push(byte[0]);
         }
         assert!(!line.is_empty(), "dbus-daemon did not start");
@@ -522,7 +534,10 @@ impl LoginRun {
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if tx.send(line).is_err() {
                     return;
                 }

@@ -1,5 +1,7 @@
 //! The token engine, the socket and the file store, through the real binaries.
 
+#![allow(clippy::unwrap_used)] // Helpers of tests: a panic is a test failure with its line.
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
@@ -26,15 +28,26 @@ fn import_then_get_and_a_second_get_costs_nothing() {
     env.configure(&fake, "");
     let _d = env.daemon(&[]);
     env.import(&fake);
-    assert_eq!(fake.token_request_count(), 1, "import checks with one refresh");
+    assert_eq!(
+        fake.token_request_count(),
+        1,
+        "import checks with one refresh"
+    );
     let first = get(&env, &[]);
     assert!(fake.issued_access_tokens().contains(&first), "{first}");
     let second = get(&env, &[]);
     assert_eq!(first, second);
-    assert_eq!(fake.token_request_count(), 1, "gets are answered from memory");
+    assert_eq!(
+        fake.token_request_count(),
+        1,
+        "gets are answered from memory"
+    );
 
     let header = env.ctl(&["get", "--header"]);
-    assert_eq!(header.ok().stdout, format!("Authorization: Bearer {first}\n"));
+    assert_eq!(
+        header.ok().stdout,
+        format!("Authorization: Bearer {first}\n")
+    );
     let json: serde_json::Value =
         serde_json::from_str(&env.ctl(&["--json", "get"]).stdout).unwrap();
     assert_eq!(json["access_token"], first.as_str());
@@ -86,7 +99,10 @@ fn fifty_concurrent_gets_share_one_token_request() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(fake.token_request_count() - before, 1, "single flight");
-    assert!(tokens.iter().all(|t| t == &tokens[0]), "all 50 got the same token");
+    assert!(
+        tokens.iter().all(|t| t == &tokens[0]),
+        "all 50 got the same token"
+    );
     assert_eq!(fake.issued_access_tokens().last(), Some(&tokens[0]));
 }
 
@@ -103,10 +119,10 @@ fn rotation_survives_kill_9_right_after_a_refresh() {
     let _d = env.daemon(&[]);
     let token = get(&env, &[]);
     assert!(fake.issued_access_tokens().contains(&token));
-    assert!(
-        fake.token_requests().iter().all(|r| r.form.get("grant_type").map(String::as_str)
-            == Some("refresh_token")),
-    );
+    assert!(fake
+        .token_requests()
+        .iter()
+        .all(|r| r.form.get("grant_type").map(String::as_str) == Some("refresh_token")),);
     // Every refresh used the newest refresh token: none was refused.
     let refused = env.ctl(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_str(&refused.stdout).unwrap();
@@ -165,7 +181,9 @@ fn retry_after_is_honoured() {
     assert!(out.stderr.contains("429"), "{}", out.stderr);
     // The current token is still served while the daemon backs off.
     get(&env, &[]);
-    assert!(wait_until(Duration::from_secs(10), || fake.token_request_count() >= 3));
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .token_request_count()
+        >= 3));
     let r = fake.token_requests();
     let gap = r[2].at.duration_since(r[1].at);
     assert!(gap >= Duration::from_secs(3), "retried after {gap:?}");
@@ -186,13 +204,23 @@ fn invalid_grant_drops_the_login_and_stops_asking() {
     let status: serde_json::Value =
         serde_json::from_str(&env.ctl(&["status", "--json"]).ok().stdout).unwrap();
     assert_eq!(status["state"], "needs_login");
-    assert!(status["last_error"].as_str().unwrap().contains("Invalid refresh token"));
-    assert!(!env.state.join("login.json").exists(), "the dead token is dropped");
+    assert!(status["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("Invalid refresh token"));
+    assert!(
+        !env.state.join("login.json").exists(),
+        "the dead token is dropped"
+    );
     let count = fake.token_request_count();
     env.ctl(&["get"]).expect_code(4);
     env.ctl(&["refresh"]).expect_code(4);
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(fake.token_request_count(), count, "no request after invalid_grant");
+    assert_eq!(
+        fake.token_request_count(),
+        count,
+        "no request after invalid_grant"
+    );
 }
 
 #[test]
@@ -225,7 +253,11 @@ fn every_verb_without_a_daemon_exits_3_and_says_how_to_start_it() {
     ] {
         let out = env.ctl(args);
         out.expect_code(3);
-        assert!(out.stderr.contains("systemctl --user start spotokd"), "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("systemctl --user start spotokd"),
+            "{args:?}: {}",
+            out.stderr
+        );
         assert_eq!(out.stderr.lines().count(), 1, "one line: {}", out.stderr);
     }
     env.ctl_stdin(&["import"], "AQsomething").expect_code(3);
@@ -315,10 +347,12 @@ fn bad_clients_do_not_disturb_others() {
     // One that sends a 1 MiB line: told so, then cut off.
     let mut huge = UnixStream::connect(&env.socket).unwrap();
     let mut huge_reader = hello(&mut huge);
-    huge.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    huge.set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let _ = huge.write_all(&vec![b'x'; 1 << 20]);
     let mut rest = String::new();
-    huge.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    huge.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let _ = huge_reader.read_to_string(&mut rest);
     assert!(rest.contains("longer than"), "{rest}");
 
@@ -342,17 +376,22 @@ fn many_requests_per_connection_and_hello_first() {
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
-    assert!(line.contains("hello"), "status before hello is refused: {line}");
+    assert!(
+        line.contains("hello"),
+        "status before hello is refused: {line}"
+    );
     let mut s = UnixStream::connect(&env.socket).unwrap();
     let mut r = hello(&mut s);
     for _ in 0..100 {
-        s.write_all(b"{\"op\":\"get\",\"min_valid_secs\":60}\n").unwrap();
+        s.write_all(b"{\"op\":\"get\",\"min_valid_secs\":60}\n")
+            .unwrap();
         line.clear();
         r.read_line(&mut line).unwrap();
         assert!(line.starts_with("{\"reply\":\"token\""), "{line}");
     }
     let mut old = UnixStream::connect(&env.socket).unwrap();
-    old.write_all(b"{\"op\":\"hello\",\"protocol\":99,\"client\":\"future\"}\n").unwrap();
+    old.write_all(b"{\"op\":\"hello\",\"protocol\":99,\"client\":\"future\"}\n")
+        .unwrap();
     let mut r = BufReader::new(old);
     line.clear();
     r.read_line(&mut line).unwrap();
@@ -377,7 +416,10 @@ fn the_log_never_contains_a_token() {
     let _ = env.ctl(&["refresh"]);
     d.stop();
     let log = d.log();
-    assert!(log.contains("token refreshed"), "debug log expected:\n{log}");
+    assert!(
+        log.contains("token refreshed"),
+        "debug log expected:\n{log}"
+    );
     for t in fake
         .issued_access_tokens()
         .iter()
@@ -445,7 +487,10 @@ fn a_bad_config_names_the_key_and_file_and_keeps_the_login() {
     let status = spotok_tests::wait_child(&mut bad.child, Duration::from_secs(20)).unwrap();
     assert!(!status.success());
     let log = bad.log();
-    assert!(log.contains("refresh_margn") && log.contains("config.toml"), "{log}");
+    assert!(
+        log.contains("refresh_margn") && log.contains("config.toml"),
+        "{log}"
+    );
     assert!(env.state.join("login.json").exists(), "the login is kept");
 }
 
@@ -472,7 +517,11 @@ fn logout_forgets_the_login() {
     let _d = env.daemon(&[]);
     env.import(&fake);
     let out = env.ctl(&["logout"]);
-    assert!(out.ok().stderr.contains("spotify.com/account/apps"), "{}", out.stderr);
+    assert!(
+        out.ok().stderr.contains("spotify.com/account/apps"),
+        "{}",
+        out.stderr
+    );
     assert!(!env.state.join("login.json").exists());
     env.ctl(&["get"]).expect_code(4);
     let status: serde_json::Value =

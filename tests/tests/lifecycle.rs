@@ -1,5 +1,7 @@
 //! Lifecycle: readiness and reload notifications, socket activation, daemonize, signals.
 
+#![allow(clippy::unwrap_used)] // Helpers of tests: a panic is a test failure with its line.
+
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -23,11 +25,22 @@ fn ready_reloading_and_stopping_are_notified() {
 
     env.configure(&fake, "refresh_margin = \"20m\"");
     d.signal(Signal::HUP);
-    assert!(d.wait_for("RELOADING=1", Duration::from_secs(10)), "{:?}", d.messages());
-    assert!(d.wait_for("READY=1", Duration::from_secs(10)), "{:?}", d.messages());
+    assert!(
+        d.wait_for("RELOADING=1", Duration::from_secs(10)),
+        "{:?}",
+        d.messages()
+    );
+    assert!(
+        d.wait_for("READY=1", Duration::from_secs(10)),
+        "{:?}",
+        d.messages()
+    );
     let after = status(&env)["refresh_at"].as_u64().unwrap();
     let moved = before.saturating_sub(after);
-    assert!((800..=1000).contains(&moved), "refresh moved by {moved}s, not ~15m");
+    assert!(
+        (800..=1000).contains(&moved),
+        "refresh moved by {moved}s, not ~15m"
+    );
 
     // A broken config on reload is refused and the old one kept.
     env.configure(&fake, "refresh_margin = \"soon\"");
@@ -37,7 +50,11 @@ fn ready_reloading_and_stopping_are_notified() {
     env.ctl(&["get"]).ok();
 
     assert!(d.stop().success());
-    assert!(d.wait_for("STOPPING=1", Duration::from_secs(5)), "{:?}", d.messages());
+    assert!(
+        d.wait_for("STOPPING=1", Duration::from_secs(5)),
+        "{:?}",
+        d.messages()
+    );
 }
 
 #[test]
@@ -72,7 +89,10 @@ fn socket_activation_serves_the_inherited_socket_and_leaves_it() {
     rustix::process::kill_process(pid, Signal::TERM).unwrap();
     let exit = wait_child(&mut child, Duration::from_secs(10)).expect("stops");
     assert!(exit.success(), "{exit:?}");
-    assert!(socket.exists(), "an inherited socket is never unlinked by spotokd");
+    assert!(
+        socket.exists(),
+        "an inherited socket is never unlinked by spotokd"
+    );
 }
 
 /// Kills the daemonized spotokd named in a pidfile when dropped.
@@ -120,7 +140,10 @@ fn daemonize_returns_once_serving_and_a_second_instance_is_refused() {
     assert!(out.stderr.contains("already serving"), "{}", out.stderr);
     env.ctl(&["status"]).ok();
     assert_eq!(guard.pid(), Some(pid));
-    assert!(env.state.join("spotokd.log").exists(), "the daemon logs to the state folder");
+    assert!(
+        env.state.join("spotokd.log").exists(),
+        "the daemon logs to the state folder"
+    );
 }
 
 #[test]
@@ -133,12 +156,21 @@ fn sigterm_during_a_refresh_keeps_the_rotated_token() {
     env.import(&fake);
     fake.set_delay(Duration::from_secs(2));
     let mut refresh = env.command("spotokctl");
-    refresh.arg("refresh").stdout(Stdio::null()).stderr(Stdio::null());
+    refresh
+        .arg("refresh")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let mut refresh = refresh.spawn().unwrap();
-    assert!(wait_until(Duration::from_secs(10), || fake.token_request_count() == 2));
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .token_request_count()
+        == 2));
     let start = std::time::Instant::now();
     assert!(d.stop().success());
-    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
     let _ = wait_child(&mut refresh, Duration::from_secs(10));
     fake.set_delay(Duration::ZERO);
     // The token rotated during shutdown was saved: the old one is dead now.

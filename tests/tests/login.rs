@@ -1,5 +1,7 @@
 //! The Authorization Code login through the daemon, scopes, and whoami.
 
+#![allow(clippy::unwrap_used)] // Helpers of tests: a panic is a test failure with its line.
+
 use std::os::unix::fs::PermissionsExt;
 
 use spotok_tests::{http_get, Env, FakeSpotify, LoginRun};
@@ -48,7 +50,10 @@ fn a_full_login_in_the_browser() {
     assert_eq!(authorize["response_type"], "code");
     assert_eq!(authorize["client_id"], "testclient");
     assert_eq!(authorize["scope"], "streaming user-read-private");
-    assert!(redirect.starts_with(&authorize["redirect_uri"]), "{redirect}");
+    assert!(
+        redirect.starts_with(&authorize["redirect_uri"]),
+        "{redirect}"
+    );
     assert!(authorize["redirect_uri"].starts_with("http://127.0.0.1:"));
     assert!(authorize["redirect_uri"].ends_with("/callback"));
     let exchange = &fake.token_requests()[0];
@@ -62,13 +67,19 @@ fn a_full_login_in_the_browser() {
     assert!(fake.issued_access_tokens().contains(&token));
     let s = status(&env);
     assert_eq!(s["state"], "active");
-    assert_eq!(s["scopes"], serde_json::json!(["streaming", "user-read-private"]));
+    assert_eq!(
+        s["scopes"],
+        serde_json::json!(["streaming", "user-read-private"])
+    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
     let ends = s["login_expires_at"].as_u64().unwrap();
-    assert!(ends > now + 180 * 86_400 && ends < now + 184 * 86_400, "{s}");
+    assert!(
+        ends > now + 180 * 86_400 && ends < now + 184 * 86_400,
+        "{s}"
+    );
     // A replay of the same redirect changes nothing.
     let (code, _, _) = http_get(&redirect);
     assert_ne!(code, 200);
@@ -87,7 +98,11 @@ fn paste_mode_and_a_wrong_state_that_is_refused_while_the_login_waits() {
     login
         .line(|l| l.contains("state does not match"))
         .expect("the wrong state is refused");
-    assert_eq!(fake.token_request_count(), 0, "no exchange for a forged redirect");
+    assert_eq!(
+        fake.token_request_count(),
+        0,
+        "no exchange for a forged redirect"
+    );
     login.paste(&redirect);
     let (exit, stderr) = login.finish();
     assert_eq!(exit, Some(0), "{stderr}");
@@ -130,8 +145,11 @@ fn with_a_client_secret_the_token_requests_use_basic_auth() {
     let _d = env.daemon(&[]);
     let mut login = LoginRun::start(&env, &["--no-browser"]);
     let url = login.url();
-    assert!(!url.contains("code_challenge"), "no PKCE with a secret: {url}");
-    http_get(&location(&url));
+    assert!(
+        !url.contains("code_challenge"),
+        "no PKCE with a secret: {url}"
+    );
+    let _ = http_get(&location(&url));
     let (exit, stderr) = login.finish();
     assert_eq!(exit, Some(0), "{stderr}");
     env.ctl(&["refresh"]).ok();
@@ -152,8 +170,14 @@ fn localhost_redirect_uris_are_refused_with_spotifys_rule() {
     let exit = spotok_tests::wait_child(&mut d.child, std::time::Duration::from_secs(20)).unwrap();
     assert!(!exit.success());
     let log = d.log();
-    assert!(log.contains("localhost is not allowed as redirect URI"), "{log}");
-    assert!(log.contains("redirect_uri") && log.contains("config.toml"), "{log}");
+    assert!(
+        log.contains("localhost is not allowed as redirect URI"),
+        "{log}"
+    );
+    assert!(
+        log.contains("redirect_uri") && log.contains("config.toml"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -165,7 +189,8 @@ fn a_missing_scope_exits_5_and_says_how_to_get_it() {
     let out = env.ctl(&["get", "--scope", "playlist-modify-private"]);
     out.expect_code(5);
     assert!(
-        out.stderr.contains("spotokctl login --scope playlist-modify-private"),
+        out.stderr
+            .contains("spotokctl login --scope playlist-modify-private"),
         "{}",
         out.stderr
     );
@@ -182,12 +207,21 @@ fn whoami_prints_the_user_and_survives_one_401() {
         serde_json::from_str(&env.ctl(&["whoami", "--json"]).ok().stdout).unwrap();
     assert_eq!(json["id"], "ann");
     let before = fake.token_request_count();
-    fake.push_api(401, r#"{"error":{"status":401,"message":"The access token expired"}}"#);
+    fake.push_api(
+        401,
+        r#"{"error":{"status":401,"message":"The access token expired"}}"#,
+    );
     assert_eq!(env.ctl(&["whoami"]).ok().stdout, "Ann Example (ann)\n");
     assert_eq!(fake.token_request_count(), before + 1, "one forced refresh");
     // Two 401s in a row: give up, no loop.
-    fake.push_api(401, r#"{"error":{"status":401,"message":"The access token expired"}}"#);
-    fake.push_api(401, r#"{"error":{"status":401,"message":"The access token expired"}}"#);
+    fake.push_api(
+        401,
+        r#"{"error":{"status":401,"message":"The access token expired"}}"#,
+    );
+    fake.push_api(
+        401,
+        r#"{"error":{"status":401,"message":"The access token expired"}}"#,
+    );
     env.ctl(&["whoami"]).expect_code(4);
 }
 
@@ -203,18 +237,29 @@ fn first_run_login_says_what_to_do_and_client_id_is_written() {
     let _d = env.daemon(&[]);
     let out = env.ctl(&["login", "--no-browser"]);
     out.expect_code(2);
-    assert!(out.stderr.contains("developer.spotify.com/dashboard"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("developer.spotify.com/dashboard"),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("--client-id"), "{}", out.stderr);
 
     let mut login = LoginRun::start(&env, &["--no-browser", "--client-id", "abc123"]);
     let url = login.url();
     assert!(url.contains("client_id=abc123"), "{url}");
     let config = std::fs::read_to_string(&env.config).unwrap();
-    assert!(config.starts_with("client_id = \"abc123\"\n# my settings"), "{config}");
+    assert!(
+        config.starts_with("client_id = \"abc123\"\n# my settings"),
+        "{config}"
+    );
     drop(login);
     let out = env.ctl(&["login", "--no-browser", "--client-id", "other"]);
     out.expect_code(2);
-    assert!(out.stderr.contains("already has client_id abc123"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("already has client_id abc123"),
+        "{}",
+        out.stderr
+    );
     let out = env.ctl(&["login", "--no-browser", "--client-id", "bad id!"]);
     out.expect_code(2);
 }
