@@ -163,10 +163,11 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.into(),
-            message: e.message().trim().to_string()
-                + &e.span()
-                    .map(|s| format!(" (line {})", line_of(text, s.start)))
-                    .unwrap_or_default(),
+            message: match e.span().map(|s| where_in(text, s.start)) {
+                Some((line, Some(key))) => format!("line {line}, `{key}`: {}", e.message().trim()),
+                Some((line, None)) => format!("line {line}: {}", e.message().trim()),
+                None => e.message().trim().to_string(),
+            },
         })?;
         let bad = |key: &'static str, message: String| ConfigError::Value {
             path: path.into(),
@@ -270,8 +271,16 @@ fn resolve(config: &Path, p: &Path) -> PathBuf {
     }
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
+/// The line number of `offset`, and the key assigned on that line, if any.
+fn where_in(text: &str, offset: usize) -> (usize, Option<&str>) {
+    let before = &text[..offset.min(text.len())];
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'))
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    (before.matches('\n').count() + 1, key)
 }
 
 /// SPEC: `http://127.0.0.1[:port]/path` or `http://[::1][:port]/path`, never `localhost`.
