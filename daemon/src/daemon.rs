@@ -13,8 +13,8 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::manager::Manager;
-use crate::store::{FileStore, Store};
-use crate::{sd, socket};
+use crate::store::{FileStore, Selection};
+use crate::{dbus, notify, sd, socket};
 
 /// Where to listen.
 #[derive(Debug)]
@@ -65,8 +65,9 @@ pub async fn run(opts: Options, ready: impl FnOnce()) -> Result<(), String> {
         }
     };
 
-    let store = Store::File(FileStore::new(config.state_dir.clone(), uid));
-    let loaded = store.load().await.map_err(|e| e.0);
+    let selection =
+        Selection::choose(config.store, FileStore::new(config.state_dir.clone(), uid)).await;
+    let loaded = selection.load().await.map_err(|e| e.0);
     if let Err(e) = &loaded {
         tracing::error!("{e}");
     }
@@ -76,10 +77,14 @@ pub async fn run(opts: Options, ready: impl FnOnce()) -> Result<(), String> {
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| format!("cannot set up HTTPS: {e}"))?;
-    let (manager, handle, inboxes) = Manager::new(config, store, http, loaded);
-    let owner = tokio::spawn(manager.run(inboxes));
+    let readable = loaded.is_ok();
+    let (manager, handle, inboxes) = Manager::new(config, selection.store.clone(), http, loaded);
+    let manager_task = tokio::spawn(manager.run(inboxes));
+    selection.watch(&handle, readable);
+    tokio::spawn(notify::run(handle.clone()));
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let bus = tokio::spawn(dbus::serve(handle.clone(), stop_rx.clone()));
     let server = tokio::spawn(socket::serve(listener, handle.clone(), stop_rx));
     if let Some(every) = sd::watchdog() {
         tokio::spawn(async move {
@@ -117,11 +122,15 @@ pub async fn run(opts: Options, ready: impl FnOnce()) -> Result<(), String> {
     tracing::info!("shutting down");
     sd::notify("STOPPING=1");
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(SHUTDOWN_GRACE, handle.shutdown()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, handle.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("a token request was still running at shutdown; it was abandoned");
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
-    owner.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(1), bus).await;
+    manager_task.abort();
     drop(owned);
     Ok(())
 }

@@ -13,6 +13,7 @@ use spotokd::daemon::{self, Listen, Options};
 /// spotokd keeps your Spotify login and serves current access tokens to local programs.
 #[derive(Debug, Parser)]
 #[command(version, about)]
+#[allow(clippy::doc_markdown)] // These doc comments are the --help text, not rustdoc.
 struct Args {
     /// Config file [default: $XDG_CONFIG_HOME/spotok/config.toml]
     #[arg(long, value_name = "PATH")]
@@ -30,7 +31,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match start(args) {
+    match start(&args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("spotokd: {e:#}");
@@ -39,7 +40,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn start(args: Args) -> anyhow::Result<ExitCode> {
+fn start(args: &Args) -> anyhow::Result<ExitCode> {
     let env = |k: &str| std::env::var_os(k);
     let uid = rustix::process::getuid().as_raw();
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));

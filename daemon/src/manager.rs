@@ -104,7 +104,11 @@ impl Snapshot {
             )),
             State::LoggedOut => Some(Failure::new(
                 ErrorKind::NeedsLogin,
-                "not logged in: run `spotokctl login`",
+                match &self.last_error {
+                    // E.g. a locked keyring: logging in again is not the fix.
+                    Some(why) => format!("no login loaded: {why}"),
+                    None => "not logged in: run `spotokctl login`".into(),
+                },
             )),
             State::NeedsLogin => Some(Failure::new(
                 ErrorKind::NeedsLogin,
@@ -166,6 +170,8 @@ enum Command {
     Reload { config: Arc<Config> },
     /// Finish an in-flight refresh (and save what it brings), then stop.
     Shutdown { reply: oneshot::Sender<()> },
+    /// The store became usable (a keyring was unlocked): here is what it holds.
+    StoreOpened { login: Option<Login> },
 }
 
 /// The outcome of a token request, sent back by the task that made it.
@@ -237,7 +243,10 @@ impl Handle {
         if let Some(t) = snap.token.as_ref().filter(|t| t.good_for(now, min_valid)) {
             return Ok(t.clone());
         }
-        let deadline = now + wait;
+        // `wait` comes off the socket as any u64 of seconds, more than SystemTime can hold.
+        let deadline = now
+            .checked_add(wait)
+            .unwrap_or(now + policy::LOGIN_LIFETIME);
         self.ask(|reply| Command::Get {
             min_valid,
             deadline,
@@ -297,6 +306,12 @@ impl Handle {
             .await;
     }
 
+    /// Tells the owner the store can be used now (a keyring was unlocked) and what it holds:
+    /// the owner takes that login if it has none, or finishes a save or delete that failed.
+    pub async fn store_opened(&self, login: Option<Login>) {
+        let _ = self.tx.send(Command::StoreOpened { login }).await;
+    }
+
     /// Lets an in-flight refresh finish and be saved, then stops the owner.
     pub async fn shutdown(&self) {
         let _ = self.ask(|reply| Command::Shutdown { reply }).await;
@@ -347,6 +362,9 @@ pub struct Manager {
     login: Option<Login>,
     /// The login changed in memory but could not be saved yet; retried at this time.
     unsaved_retry: Option<SystemTime>,
+    /// The store still holds a login memory has dropped (a logout or a refused login whose
+    /// delete failed, e.g. on a locked keyring); deleted when the store opens.
+    store_stale: bool,
     /// The current access token.
     token: Option<Token>,
     /// Bumped on login and logout.
@@ -412,6 +430,7 @@ impl Manager {
             http: http.clone(),
             login,
             unsaved_retry: None,
+            store_stale: false,
             token: None,
             generation: 0,
             refreshes: 0,
@@ -609,6 +628,7 @@ impl Manager {
                 self.next_refresh = None;
                 self.unsaved_retry = None;
                 self.last_error = result.as_ref().err().map(ToString::to_string);
+                self.store_stale = result.is_err();
                 self.answer_all(&Err(Failure::new(
                     ErrorKind::NeedsLogin,
                     "logged out: run `spotokctl login`",
@@ -626,6 +646,39 @@ impl Manager {
                 }
             }
             Command::Shutdown { reply } => self.stopping = Some(reply),
+            Command::StoreOpened { login } => self.store_opened(login, now).await,
+        }
+    }
+
+    /// The store became usable. Memory wins over the store: a login that could not be saved
+    /// is saved now, one that could not be deleted is deleted now; only a daemon with no
+    /// login at all takes the stored one (e.g. it started while the keyring was locked).
+    async fn store_opened(&mut self, login: Option<Login>, now: SystemTime) {
+        if self.unsaved_retry.is_some() {
+            if self.save().await.is_ok() {
+                tracing::info!("the login was saved after all");
+                self.last_error = None;
+            }
+        } else if self.store_stale {
+            match self.store.delete().await {
+                Ok(()) => {
+                    tracing::info!("the dropped login was removed from the store after all");
+                    self.store_stale = false;
+                    if !self.needs_login {
+                        self.last_error = None;
+                    }
+                }
+                Err(e) => self.last_error = Some(e.0),
+            }
+        } else if self.login.is_none() && !self.needs_login {
+            if let Some(login) = login {
+                tracing::info!("picked up the stored login");
+                self.generation += 1;
+                self.failures = 0;
+                self.login = Some(login);
+                self.next_refresh = Some(now);
+            }
+            self.last_error = None;
         }
     }
 
@@ -719,6 +772,7 @@ impl Manager {
                 self.next_refresh = None;
                 self.unsaved_retry = None;
                 self.generation += 1;
+                self.store_stale = dropped.is_err();
                 self.last_error = Some(match dropped {
                     Ok(()) => format!("Spotify refused the refresh token ({why})"),
                     Err(e) => format!("Spotify refused the refresh token ({why}); also: {e}"),
@@ -804,6 +858,8 @@ impl Manager {
         match self.store.save(login).await {
             Ok(()) => {
                 self.unsaved_retry = None;
+                // The saved login replaced whatever the store held.
+                self.store_stale = false;
                 Ok(())
             }
             Err(e) => {
@@ -818,9 +874,15 @@ impl Manager {
 
     async fn alarm(&mut self) {
         let now = clock::now();
-        if self.unsaved_retry.is_some_and(|t| t <= now) && self.save().await.is_ok() {
-            tracing::info!("the login was saved after all");
-            self.last_error = None;
+        if self.unsaved_retry.is_some_and(|t| t <= now) {
+            // A refresh in between may have cleared the error: show it again while it lasts.
+            match self.save().await {
+                Ok(()) => {
+                    tracing::info!("the login was saved after all");
+                    self.last_error = None;
+                }
+                Err(e) => self.last_error = Some(e),
+            }
         }
         if self.next_refresh.is_some_and(|t| t <= now) {
             self.start_refresh();

@@ -3,16 +3,26 @@
 //! [`Store`] puts the backends behind one face. The file backend is crash-safe: a temp file
 //! written and fsynced, renamed over the old one, then the folder fsynced, so after a crash
 //! the file holds either the old login or the new one, never a torn mix, and a failed write
-//! leaves the old one in place.
+//! leaves the old one in place. The Secret Service backend is [`crate::secret`].
+//!
+//! [`Selection`] picks the backend at start-up (the `store` key), moves a login left in the
+//! other backend over once, and for the keyring watches for it to become usable: a locked
+//! keyring is reported and waited for, never replaced by a plaintext file.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use spotok_proto::wire::StoreKind;
 use spotok_proto::RefreshToken;
+
+use crate::config::StoreChoice;
+use crate::manager::Handle;
+use crate::secret::{self, SecretError, SecretStore};
 
 /// A stored login.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +143,8 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 pub enum Store {
     /// The 0600 file.
     File(FileStore),
+    /// The desktop keyring (`org.freedesktop.secrets`).
+    SecretService(SecretStore),
 }
 
 impl Store {
@@ -141,6 +153,16 @@ impl Store {
     pub fn kind(&self) -> StoreKind {
         match self {
             Self::File(_) => StoreKind::File,
+            Self::SecretService(_) => StoreKind::SecretService,
+        }
+    }
+
+    /// Where the login is, for log lines.
+    #[must_use]
+    pub fn name(&self) -> String {
+        match self {
+            Self::File(f) => f.path().display().to_string(),
+            Self::SecretService(_) => "the keyring (Secret Service)".into(),
         }
     }
 
@@ -148,6 +170,7 @@ impl Store {
     pub async fn load(&self) -> Result<Option<Login>, StoreError> {
         match self {
             Self::File(f) => blocking(f.clone(), FileStore::load).await,
+            Self::SecretService(s) => s.load().await.map_err(keyring_error),
         }
     }
 
@@ -158,6 +181,7 @@ impl Store {
                 let login = login.clone();
                 blocking(f.clone(), move |f| f.save(&login)).await
             }
+            Self::SecretService(s) => s.save(login).await.map_err(keyring_error),
         }
     }
 
@@ -165,6 +189,229 @@ impl Store {
     pub async fn delete(&self) -> Result<(), StoreError> {
         match self {
             Self::File(f) => blocking(f.clone(), FileStore::delete).await,
+            Self::SecretService(s) => s.delete().await.map_err(|e| match e {
+                SecretError::Locked => StoreError(
+                    "keyring is locked: the login is removed from it as soon as it is unlocked"
+                        .into(),
+                ),
+                other => keyring_error(other),
+            }),
+        }
+    }
+}
+
+#[allow(clippy::needless_pass_by_value)] // used as `map_err(keyring_error)`
+fn keyring_error(e: SecretError) -> StoreError {
+    StoreError(e.to_string())
+}
+
+/// The store chosen at start-up (SPEC: the `store` key), and the other backend, when it can
+/// be reached, so a login left there is moved over once.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// The store in use, for the whole life of the daemon.
+    pub store: Store,
+    /// The backend not in use, looked at once for a login to move.
+    pub other: Option<Store>,
+}
+
+impl Selection {
+    /// Chooses the store: `auto` takes the Secret Service when a provider owns
+    /// `org.freedesktop.secrets` on the session bus now, else the file; `secret-service` takes
+    /// only it, reachable or not (never a plaintext fallback); `file` takes the file.
+    pub async fn choose(choice: StoreChoice, file: FileStore) -> Self {
+        match choice {
+            StoreChoice::SecretService => Self {
+                store: Store::SecretService(SecretStore::new(None)),
+                other: Some(Store::File(file)),
+            },
+            StoreChoice::Auto => {
+                if let Some(conn) = secret::running_provider().await {
+                    tracing::info!("a Secret Service provider is running: using the keyring");
+                    Self {
+                        store: Store::SecretService(SecretStore::new(Some(conn))),
+                        other: Some(Store::File(file)),
+                    }
+                } else {
+                    tracing::info!(
+                        "no Secret Service provider on the session bus: the login is kept in {}",
+                        file.path().display()
+                    );
+                    Self {
+                        store: Store::File(file),
+                        other: None,
+                    }
+                }
+            }
+            StoreChoice::File => Self {
+                store: Store::File(file),
+                // Only a provider that is running: `store = "file"` must not start a keyring.
+                other: secret::running_provider()
+                    .await
+                    .map(|conn| Store::SecretService(SecretStore::new(Some(conn)))),
+            },
+        }
+    }
+
+    /// Loads the login, moving it over from the other backend when only that one has it
+    /// (written to the new store first, then removed from the old, so a crash in between
+    /// leaves two copies, never none). When both have one, the store in use wins and the copy
+    /// in the other is removed: one login, one place.
+    pub async fn load(&self) -> Result<Option<Login>, StoreError> {
+        let found = self.store.load().await?;
+        let Some(other) = &self.other else {
+            return Ok(found);
+        };
+        let old = match other.load().await {
+            Ok(old) => old,
+            Err(e) => {
+                tracing::info!("{} was not searched for a login to move: {e}", other.name());
+                return Ok(found);
+            }
+        };
+        match (found, old) {
+            (found, None) => Ok(found),
+            (None, Some(old)) => {
+                self.store.save(&old).await.map_err(|e| {
+                    StoreError(format!(
+                        "cannot move the login from {} to {}: {e}",
+                        other.name(),
+                        self.store.name()
+                    ))
+                })?;
+                tracing::info!(
+                    "moved the login from {} to {}",
+                    other.name(),
+                    self.store.name()
+                );
+                if let Err(e) = other.delete().await {
+                    tracing::warn!(
+                        "the login was copied to {} but not removed from {}: {e}",
+                        self.store.name(),
+                        other.name()
+                    );
+                }
+                Ok(Some(old))
+            }
+            (Some(found), Some(_)) => {
+                tracing::warn!(
+                    "{} also holds a login, which is not used (the store in use is {}); removing it",
+                    other.name(),
+                    self.store.name()
+                );
+                if let Err(e) = other.delete().await {
+                    tracing::warn!("cannot remove the unused login from {}: {e}", other.name());
+                }
+                Ok(Some(found))
+            }
+        }
+    }
+
+    /// For the Secret Service: spawns the task that hands the manager the stored login each
+    /// time the keyring becomes usable (unlocked, created, its provider started). `readable`
+    /// says whether the first [`Selection::load`] succeeded.
+    pub fn watch(self, handle: &Handle, readable: bool) {
+        if let Store::SecretService(keyring) = &self.store {
+            tokio::spawn(watch_keyring(
+                keyring.clone(),
+                self,
+                handle.clone(),
+                readable,
+            ));
+        }
+    }
+}
+
+/// The first wait between looks at a keyring that cannot be used yet (signals usually end
+/// the wait sooner); doubled up to [`WATCH_BACKOFF_MAX`]. Only while it cannot be used.
+const WATCH_BACKOFF_MIN: Duration = Duration::from_secs(5);
+/// The longest wait between looks at an unusable keyring whose provider sends no signals.
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// What the keyring watcher last saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Unlocked, its login handed to the manager: wait for signals only.
+    Usable,
+    /// Locked, missing or its provider gone: signals, plus a slow poll in case none come.
+    Waiting,
+    /// Broken in a way no signal announces the end of (a damaged item, no bus): signals only.
+    Stuck,
+}
+
+/// Waits for the keyring to become usable and hands the manager what it holds, again after
+/// every lock/unlock. Wakes only on Secret Service signals, plus a slow poll (with backoff)
+/// while the keyring is locked or missing.
+async fn watch_keyring(keyring: SecretStore, selection: Selection, handle: Handle, readable: bool) {
+    let mut backoff = WATCH_BACKOFF_MIN;
+    let mut changes = None;
+    let mut seen = if readable {
+        Seen::Usable
+    } else {
+        Seen::Waiting
+    };
+    loop {
+        if changes.is_none() {
+            match keyring.changes().await {
+                Ok(c) => changes = Some(c),
+                Err(e) => tracing::debug!("cannot watch the keyring: {e}"),
+            }
+        }
+        if seen != Seen::Usable {
+            seen = match keyring.probe().await {
+                Err(e) => {
+                    tracing::debug!("waiting for the keyring: {e}");
+                    if e.waitable() {
+                        Seen::Waiting
+                    } else {
+                        Seen::Stuck
+                    }
+                }
+                Ok(()) => match selection.load().await {
+                    Ok(login) => {
+                        tracing::info!("the keyring can be used now");
+                        backoff = WATCH_BACKOFF_MIN;
+                        handle.store_opened(login).await;
+                        Seen::Usable
+                    }
+                    Err(e) => {
+                        tracing::debug!("the keyring is open, its login is not usable: {e}");
+                        Seen::Stuck
+                    }
+                },
+            };
+        }
+        let signalled = match (&mut changes, seen) {
+            (Some(c), Seen::Waiting) => tokio::select! {
+                s = c.next() => s,
+                () = tokio::time::sleep(backoff) => true,
+            },
+            (Some(c), _) => c.next().await,
+            (None, Seen::Waiting) => {
+                tokio::time::sleep(backoff).await;
+                true
+            }
+            // Usable but unwatchable: a failed save is retried by the manager on its own.
+            (None, Seen::Usable) => std::future::pending().await,
+            (None, Seen::Stuck) => {
+                tracing::debug!("cannot watch the keyring; its error stands until a restart");
+                return;
+            }
+        };
+        if !signalled {
+            tracing::debug!("lost the keyring's signals; looking again");
+            changes = None;
+            seen = Seen::Waiting;
+            // A connection that dies again at once must not become a busy loop.
+            tokio::time::sleep(backoff).await;
+        } else if seen == Seen::Usable {
+            if let Err(e) = keyring.probe().await {
+                tracing::debug!("the keyring cannot be used now: {e}");
+                seen = Seen::Waiting;
+            }
+        }
+        if seen == Seen::Waiting {
+            backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
         }
     }
 }

@@ -7,6 +7,8 @@
 //! - [`Daemon`]: a running `spotokd`, started and awaited through a `NOTIFY_SOCKET` the test
 //!   listens on (readiness, never sleeps), killed on drop.
 //! - [`Bus`]: a private `dbus-daemon`, stopped on drop.
+//! - [`Keyring`]: a real `gnome-keyring-daemon` on such a bus, its login keyring unlocked,
+//!   stopped on drop.
 //!
 //! Every wait has a deadline; every process started is stopped.
 
@@ -596,5 +598,271 @@ impl Drop for LoginRun {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A real `gnome-keyring-daemon` (the `secrets` component only) serving
+/// `org.freedesktop.secrets` on a private [`Bus`], headless: its `HOME`, data and runtime
+/// folders are its own, and its "login" keyring is created and unlocked with
+/// [`Keyring::PASSWORD`] at start (`--unlock`). Killed on drop.
+#[derive(Debug)]
+pub struct Keyring {
+    /// The process.
+    child: Child,
+    /// The bus it serves on.
+    bus: String,
+    /// Its `HOME`, `XDG_DATA_HOME` and `XDG_RUNTIME_DIR` live here.
+    pub root: PathBuf,
+}
+
+/// A Secret Service secret: session, parameters, value, content type.
+type SecretValue = (zbus::zvariant::OwnedObjectPath, Vec<u8>, Vec<u8>, String);
+
+impl Keyring {
+    /// The login keyring's password.
+    pub const PASSWORD: &'static str = "spotok-test-keyring";
+    /// The login keyring, which `--unlock` makes the default collection.
+    pub const COLLECTION: &'static str = "/org/freedesktop/secrets/collection/login";
+
+    /// Starts it on `bus`, its folders under `dir`, and waits until it owns
+    /// `org.freedesktop.secrets` with an unlocked default collection. Panics with a hint when
+    /// `gnome-keyring-daemon` is missing.
+    #[must_use]
+    pub fn start(bus: &Bus, dir: &Path) -> Self {
+        let keyring = Self::spawn(bus, dir, true);
+        assert_eq!(keyring.default_collection(), Self::COLLECTION);
+        assert!(!keyring.is_locked(), "the login keyring starts unlocked");
+        keyring
+    }
+
+    /// Starts one that was never given a password: no login keyring, no default collection
+    /// (making one would need a prompt).
+    #[must_use]
+    pub fn start_without_login_keyring(bus: &Bus, dir: &Path) -> Self {
+        let keyring = Self::spawn(bus, dir, false);
+        assert_eq!(keyring.default_collection(), "/");
+        keyring
+    }
+
+    fn spawn(bus: &Bus, dir: &Path, unlock: bool) -> Self {
+        let root = dir.join(format!("keyring-{}", unique()));
+        let run = root.join("run");
+        for d in [root.join("home"), root.join("data"), run.clone()] {
+            std::fs::create_dir_all(&d).expect("mkdir");
+        }
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let log = std::fs::File::create(root.join("keyring.log")).expect("log file");
+        let mut child = Command::new("gnome-keyring-daemon")
+            .args(if unlock { &["--unlock"][..] } else { &[] })
+            .args(["--components=secrets", "--foreground"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", root.join("home"))
+            .env("XDG_DATA_HOME", root.join("data"))
+            .env("XDG_RUNTIME_DIR", &run)
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("gnome-keyring-daemon is missing: install gnome-keyring");
+        // --unlock reads the password up to end of input.
+        let mut stdin = child.stdin.take().expect("stdin");
+        if unlock {
+            stdin
+                .write_all(Self::PASSWORD.as_bytes())
+                .expect("password");
+        }
+        drop(stdin);
+        let keyring = Self {
+            child,
+            bus: bus.address.clone(),
+            root,
+        };
+        assert!(
+            wait_until(Duration::from_secs(20), || keyring.running()),
+            "gnome-keyring-daemon did not take org.freedesktop.secrets; its log:\n{}",
+            std::fs::read_to_string(keyring.root.join("keyring.log")).unwrap_or_default()
+        );
+        keyring
+    }
+
+    /// A fresh connection to its bus.
+    fn connection(&self) -> zbus::blocking::Connection {
+        zbus::blocking::connection::Builder::address(self.bus.as_str())
+            .expect("bus address")
+            .method_timeout(Duration::from_secs(10))
+            .build()
+            .expect("connect to the test bus")
+    }
+
+    fn call<B, R>(
+        conn: &zbus::blocking::Connection,
+        path: &str,
+        iface: &str,
+        method: &str,
+        body: &B,
+    ) -> R
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+        R: for<'d> zbus::zvariant::DynamicDeserialize<'d>,
+    {
+        conn.call_method(
+            Some("org.freedesktop.secrets"),
+            path,
+            Some(iface),
+            method,
+            body,
+        )
+        .unwrap_or_else(|e| panic!("{iface}.{method}: {e}"))
+        .body()
+        .deserialize()
+        .unwrap_or_else(|e| panic!("{iface}.{method} reply: {e}"))
+    }
+
+    /// Whether it owns `org.freedesktop.secrets` on the bus.
+    #[must_use]
+    pub fn running(&self) -> bool {
+        let Ok(conn) = zbus::blocking::connection::Builder::address(self.bus.as_str())
+            .and_then(zbus::blocking::connection::Builder::build)
+        else {
+            return false;
+        };
+        conn.call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus"),
+            "NameHasOwner",
+            &("org.freedesktop.secrets",),
+        )
+        .ok()
+        .and_then(|reply| reply.body().deserialize::<bool>().ok())
+        .unwrap_or(false)
+    }
+
+    /// The object path of the collection aliased `default`.
+    #[must_use]
+    pub fn default_collection(&self) -> String {
+        let conn = self.connection();
+        let path: zbus::zvariant::OwnedObjectPath = Self::call(
+            &conn,
+            "/org/freedesktop/secrets",
+            "org.freedesktop.Secret.Service",
+            "ReadAlias",
+            &("default",),
+        );
+        path.as_str().to_string()
+    }
+
+    /// Whether the login keyring is locked.
+    #[must_use]
+    pub fn is_locked(&self) -> bool {
+        let conn = self.connection();
+        let value: zbus::zvariant::OwnedValue = Self::call(
+            &conn,
+            Self::COLLECTION,
+            "org.freedesktop.DBus.Properties",
+            "Get",
+            &("org.freedesktop.Secret.Collection", "Locked"),
+        );
+        bool::try_from(value).expect("Locked is a boolean")
+    }
+
+    /// Locks the login keyring (`Service.Lock`, which needs no prompt).
+    pub fn lock(&self) {
+        let conn = self.connection();
+        let collection =
+            zbus::zvariant::ObjectPath::try_from(Self::COLLECTION).expect("object path");
+        let (locked, prompt): (
+            Vec<zbus::zvariant::OwnedObjectPath>,
+            zbus::zvariant::OwnedObjectPath,
+        ) = Self::call(
+            &conn,
+            "/org/freedesktop/secrets",
+            "org.freedesktop.Secret.Service",
+            "Lock",
+            &(vec![collection],),
+        );
+        assert_eq!(prompt.as_str(), "/", "locking needs no prompt");
+        assert_eq!(locked.len(), 1);
+        assert!(self.is_locked());
+    }
+
+    /// Unlocks the login keyring with its password, without a prompt: gnome-keyring's
+    /// `InternalUnsupportedGuiltRiddenInterface.UnlockWithMasterPassword`, the password sent
+    /// in a `plain` session.
+    pub fn unlock(&self) {
+        let conn = self.connection();
+        let (_, session): (zbus::zvariant::OwnedValue, zbus::zvariant::OwnedObjectPath) =
+            Self::call(
+                &conn,
+                "/org/freedesktop/secrets",
+                "org.freedesktop.Secret.Service",
+                "OpenSession",
+                &("plain", zbus::zvariant::Value::from("")),
+            );
+        let master: SecretValue = (
+            session,
+            Vec::new(),
+            Self::PASSWORD.as_bytes().to_vec(),
+            "text/plain".into(),
+        );
+        let collection =
+            zbus::zvariant::ObjectPath::try_from(Self::COLLECTION).expect("object path");
+        let () = Self::call(
+            &conn,
+            "/org/freedesktop/secrets",
+            "org.gnome.keyring.InternalUnsupportedGuiltRiddenInterface",
+            "UnlockWithMasterPassword",
+            &(collection, master),
+        );
+        assert!(!self.is_locked(), "unlocked with the password");
+    }
+
+    /// Items with `attributes`, locked or not (no secret is read, nothing is unlocked).
+    #[must_use]
+    pub fn items(&self, attributes: &[(&str, &str)]) -> Vec<String> {
+        let conn = self.connection();
+        let attributes: std::collections::HashMap<&str, &str> =
+            attributes.iter().copied().collect();
+        let (unlocked, locked): (
+            Vec<zbus::zvariant::OwnedObjectPath>,
+            Vec<zbus::zvariant::OwnedObjectPath>,
+        ) = Self::call(
+            &conn,
+            "/org/freedesktop/secrets",
+            "org.freedesktop.Secret.Service",
+            "SearchItems",
+            &(attributes,),
+        );
+        unlocked
+            .iter()
+            .chain(&locked)
+            .map(|p| p.as_str().to_string())
+            .collect()
+    }
+
+    /// Runs `secret-tool args…` against this keyring.
+    #[must_use]
+    pub fn secret_tool(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new("secret-tool");
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.root.join("home"))
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.bus);
+        run(cmd, None, COMMAND_DEADLINE)
+    }
+
+    /// Kills it (the bus then has no provider).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Keyring {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
