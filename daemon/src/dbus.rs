@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use spotok_proto::dbus::{NAME, PATH};
 use spotok_proto::ErrorKind;
 use tokio::sync::watch;
-use zbus::fdo::{RequestNameFlags, RequestNameReply};
+use zbus::fdo::RequestNameReply;
 use zbus::object_server::SignalEmitter;
 use zbus::Connection;
 
@@ -274,9 +274,11 @@ async fn connect(handle: &Handle) -> zbus::Result<(Connection, RequestNameReply)
     // No flag at all: no ReplaceExisting (never steal the name), no AllowReplacement (never
     // give it away), no DoNotQueue (wait in the bus's queue for it). zbus's default, which
     // `Builder::name` uses, is all three: a second daemon would steal the name from the first.
-    // Two distinct flags ANDed are the empty set.
-    let no_flags = RequestNameFlags::ReplaceExisting & RequestNameFlags::DoNotQueue;
-    let reply = conn.request_name_with_flags(NAME, no_flags).await?;
+    // (zbus does not re-export `BitFlags`, so the empty set is spelled `Default::default()`.)
+    #[allow(clippy::default_trait_access)]
+    let reply = conn
+        .request_name_with_flags(NAME, Default::default())
+        .await?;
     Ok((conn, reply))
 }
 
