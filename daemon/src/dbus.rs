@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use spotok_proto::dbus::{NAME, PATH};
 use spotok_proto::ErrorKind;
 use tokio::sync::watch;
+use enumflags2::BitFlags;
 use zbus::fdo::RequestNameReply;
 use zbus::object_server::SignalEmitter;
 use zbus::Connection;
@@ -274,10 +275,9 @@ async fn connect(handle: &Handle) -> zbus::Result<(Connection, RequestNameReply)
     // No flag at all: no ReplaceExisting (never steal the name), no AllowReplacement (never
     // give it away), no DoNotQueue (wait in the bus's queue for it). zbus's default, which
     // `Builder::name` uses, is all three: a second daemon would steal the name from the first.
-    // (zbus does not re-export `BitFlags`, so the empty set is spelled `Default::default()`.)
-    #[allow(clippy::default_trait_access)]
+    // `BitFlags::default()` would be zbus's default set, not the empty one.
     let reply = conn
-        .request_name_with_flags(NAME, Default::default())
+        .request_name_with_flags(NAME, BitFlags::empty())
         .await?;
     Ok((conn, reply))
 }
