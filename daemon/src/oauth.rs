@@ -207,7 +207,8 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &[u8]) -> Result<Grant, 
             }
             Ok(Grant {
                 access_token: AccessToken::new(json.access_token),
-                expires_in: Duration::from_secs(json.expires_in),
+                // Spotify says 3600; the cap keeps a broken answer from overflowing the clock.
+                expires_in: Duration::from_secs(json.expires_in.min(86_400)),
                 refresh_token: json
                     .refresh_token
                     .filter(|t| !t.is_empty())

@@ -25,6 +25,10 @@ use crate::{clock, login};
 /// At most this many connections are served at once; more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 1024;
 
+/// File descriptors never given to connections: the daemon's own work (the login file, HTTPS
+/// to Spotify, D-Bus, the login listener) must not fail with EMFILE because clients piled up.
+const RESERVED_FDS: u64 = 64;
+
 /// A socket this process created: removed again on drop, with the lock released.
 #[derive(Debug)]
 pub struct Owned {
@@ -106,7 +110,14 @@ pub fn bind(path: &Path, uid: u32) -> Result<(UnixListener, Owned), BindError> {
 /// the connections to finish their current request.
 pub async fn serve(listener: UnixListener, handle: Handle, mut shutdown: watch::Receiver<bool>) {
     let uid = rustix::process::getuid().as_raw();
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // systemd's default soft limit (1024) is below MAX_CONNECTIONS; extra clients wait in
+    // the listen backlog rather than take the descriptors a refresh or a save needs.
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    let max = soft.map_or(MAX_CONNECTIONS, |n| {
+        usize::try_from(n.saturating_sub(RESERVED_FDS))
+            .map_or(MAX_CONNECTIONS, |n| n.clamp(1, MAX_CONNECTIONS))
+    });
+    let limit = Arc::new(Semaphore::new(max));
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p {
@@ -138,7 +149,7 @@ pub async fn serve(listener: UnixListener, handle: Handle, mut shutdown: watch::
             }
         });
     }
-    let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(Duration::from_secs(1), limit.acquire_many(all)).await;
 }
 

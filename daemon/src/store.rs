@@ -117,11 +117,13 @@ impl FileStore {
             let _ = std::fs::remove_file(&tmp);
             return Err(fail("rename", e));
         }
+        sweep_temps(&self.dir);
         sync_dir(&self.dir).map_err(|e| fail("fsync", e))
     }
 
     /// Removes the login; no login is not an error.
     pub fn delete(&self) -> Result<(), StoreError> {
+        sweep_temps(&self.dir);
         match std::fs::remove_file(self.path()) {
             Ok(()) => sync_dir(&self.dir)
                 .map_err(|e| StoreError(format!("cannot sync {}: {e}", self.dir.display()))),
@@ -130,6 +132,19 @@ impl FileStore {
                 "cannot remove {}: {e}",
                 self.path().display()
             ))),
+        }
+    }
+}
+
+/// Removes the temp files of saves that a crash cut short: each may hold a refresh token, and
+/// a later daemon (another pid) would never reuse its name.
+fn sweep_temps(dir: &Path) {
+    let prefix = format!(".{LOGIN_FILE}.");
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
