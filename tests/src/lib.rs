@@ -209,6 +209,16 @@ impl Env {
         }
     }
 
+    /// A fresh user whose commands talk to a private bus, started here (stop it with the
+    /// returned [`Bus`], which also stops on drop).
+    #[must_use]
+    pub fn with_bus() -> (Self, Bus) {
+        let mut env = Self::new();
+        let bus = Bus::start(env.dir.path());
+        env.bus.clone_from(&bus.address);
+        (env, bus)
+    }
+
     /// Writes the config file.
     pub fn write_config(&self, text: &str) {
         std::fs::create_dir_all(self.config.parent().expect("parent")).expect("mkdir");

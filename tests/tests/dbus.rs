@@ -15,13 +15,6 @@ const CALL_DEADLINE: Duration = Duration::from_secs(30);
 const NAME_DEADLINE: Duration = Duration::from_secs(15);
 
 /// A fresh env with a private bus (in the env's folder) that its commands use.
-fn env_with_bus() -> (Env, Bus) {
-    let mut env = Env::new();
-    let bus = Bus::start(env.dir.path());
-    env.bus.clone_from(&bus.address);
-    (env, bus)
-}
-
 fn connect(address: &str) -> Connection {
     zbus::blocking::connection::Builder::address(address)
         .expect("bus address")
@@ -100,7 +93,7 @@ fn text(msg: &Message) -> String {
 #[test]
 fn get_access_token_is_the_token_spotokctl_prints_and_errors_have_spec_names() {
     let fake = FakeSpotify::start();
-    let (env, bus) = env_with_bus();
+    let (env, bus) = Env::with_bus();
     env.configure(&fake, "");
     let _d = env.daemon(&[]);
     env.import(&fake);
@@ -149,7 +142,7 @@ fn get_access_token_is_the_token_spotokctl_prints_and_errors_have_spec_names() {
 fn a_proactive_refresh_shows_in_properties_and_signals_that_never_carry_a_token() {
     let fake = FakeSpotify::start();
     fake.set_expires_in(4);
-    let (env, bus) = env_with_bus();
+    let (env, bus) = Env::with_bus();
     env.configure(&fake, "refresh_margin = \"2s\"");
     let d = env.daemon(&[]);
     let conn = connect(&bus.address);
@@ -245,7 +238,7 @@ fn a_proactive_refresh_shows_in_properties_and_signals_that_never_carry_a_token(
 
 #[test]
 fn introspection_lists_exactly_the_spec_members() {
-    let (env, bus) = env_with_bus();
+    let (env, bus) = Env::with_bus();
     let _d = env.daemon(&[]);
     let conn = connect(&bus.address);
     wait_owner(&conn);
@@ -326,7 +319,7 @@ fn members(iface: &str) -> Vec<String> {
 #[test]
 fn a_second_spotokd_on_the_bus_never_takes_the_name_from_the_first() {
     let fake = FakeSpotify::start();
-    let (env, bus) = env_with_bus();
+    let (env, bus) = Env::with_bus();
     env.configure(&fake, "");
     let mut first = env.daemon(&[]);
     env.import(&fake);
@@ -367,7 +360,7 @@ fn a_second_spotokd_on_the_bus_never_takes_the_name_from_the_first() {
 #[test]
 fn spotokd_takes_the_name_again_after_the_bus_restarts_and_the_socket_serves_throughout() {
     let fake = FakeSpotify::start();
-    let (env, mut bus) = env_with_bus();
+    let (env, mut bus) = Env::with_bus();
     env.configure(&fake, "");
     let d = env.daemon(&[]);
     env.import(&fake);

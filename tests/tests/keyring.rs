@@ -54,9 +54,7 @@ fn used_refresh_tokens(fake: &FakeSpotify) -> Vec<String> {
 #[test]
 fn import_keeps_the_login_in_the_keyring_only_and_logout_removes_it() {
     let fake = FakeSpotify::start();
-    let mut env = Env::new();
-    let bus = Bus::start(env.dir.path());
-    env.bus = bus.address.clone();
+    let (env, bus) = Env::with_bus();
     let keyring = Keyring::start(&bus, env.dir.path());
     configure(&env, &fake, "auto", false);
 
@@ -102,9 +100,7 @@ fn auto_takes_the_keyring_when_a_provider_runs_and_the_file_when_none() {
     let fake = FakeSpotify::start();
 
     // A provider on the bus: the keyring.
-    let mut env = Env::new();
-    let bus = Bus::start(env.dir.path());
-    env.bus = bus.address.clone();
+    let (env, bus) = Env::with_bus();
     let _keyring = Keyring::start(&bus, env.dir.path());
     configure(&env, &fake, "auto", false);
     let mut d = env.daemon(&[]);
@@ -112,9 +108,7 @@ fn auto_takes_the_keyring_when_a_provider_runs_and_the_file_when_none() {
     assert!(d.stop().success());
 
     // A bus with nobody owning org.freedesktop.secrets: the file.
-    let mut env = Env::new();
-    let bus = Bus::start(env.dir.path());
-    env.bus = bus.address.clone();
+    let (env, _bus) = Env::with_bus();
     configure(&env, &fake, "auto", false);
     let mut d = env.daemon(&[]);
     let s = status(&env);
@@ -134,9 +128,7 @@ fn auto_takes_the_keyring_when_a_provider_runs_and_the_file_when_none() {
 #[test]
 fn secret_service_without_a_provider_is_an_error_never_a_file() {
     let fake = FakeSpotify::start();
-    let mut env = Env::new();
-    let bus = Bus::start(env.dir.path());
-    env.bus = bus.address.clone();
+    let (env, _bus) = Env::with_bus();
     configure(&env, &fake, "secret-service", false);
     let _d = env.daemon(&[]);
     let s = status(&env);
@@ -155,9 +147,7 @@ fn secret_service_without_a_provider_is_an_error_never_a_file() {
 #[test]
 fn a_keyring_without_a_default_collection_is_reported_without_a_prompt() {
     let fake = FakeSpotify::start();
-    let mut env = Env::new();
-    let bus = Bus::start(env.dir.path());
-    env.bus = bus.address.clone();
+    let (env, bus) = Env::with_bus();
     let keyring = Keyring::start_without_login_keyring(&bus, env.dir.path());
     configure(&env, &fake, "auto", false);
     let mut d = env.daemon(&[]);
@@ -190,9 +180,7 @@ fn a_keyring_without_a_default_collection_is_reported_without_a_prompt() {
 #[test]
 fn a_locked_keyring_is_reported_and_waited_for_never_replaced_by_a_file() {
     let fake = FakeSpotify::start();
-    let mut env = Env::new();
-    let bus = Bus::start(env.dir.path());
-    env.bus = bus.address.clone();
+    let (env, bus) = Env::with_bus();
     let keyring = Keyring::start(&bus, env.dir.path());
     configure(&env, &fake, "auto", false);
     let mut d = env.daemon(&[]);
@@ -290,9 +278,7 @@ fn a_locked_keyring_is_reported_and_waited_for_never_replaced_by_a_file() {
 #[test]
 fn switching_store_moves_the_login_once_each_way() {
     let fake = FakeSpotify::start();
-    let mut env = Env::new();
-    let bus = Bus::start(env.dir.path());
-    env.bus = bus.address.clone();
+    let (env, bus) = Env::with_bus();
     let keyring = Keyring::start(&bus, env.dir.path());
     let login_file = env.state.join("login.json");
 
@@ -404,9 +390,7 @@ fn notification_server(bus: &Bus) -> (zbus::blocking::Connection, Arc<Mutex<Vec<
 #[allow(clippy::too_many_lines)] // One story: refusal, one notification, its button, a login.
 fn invalid_grant_sends_one_notification_whose_button_starts_a_login() {
     let fake = FakeSpotify::start();
-    let mut env = Env::new();
-    let bus = Bus::start(env.dir.path());
-    env.bus = bus.address.clone();
+    let (mut env, bus) = Env::with_bus();
     let (server, calls) = notification_server(&bus);
     // A stand-in for xdg-open that records the URL it was asked to open.
     let bin = env.dir.path().join("bin");
@@ -542,9 +526,7 @@ impl Portal {
 #[test]
 fn notify_false_or_no_server_means_no_notification_and_no_trouble() {
     let fake = FakeSpotify::start();
-    let mut env = Env::new();
-    let bus = Bus::start(env.dir.path());
-    env.bus = bus.address.clone();
+    let (env, bus) = Env::with_bus();
 
     // No notification server on the bus: the daemon carries on.
     configure(&env, &fake, "file", true);
