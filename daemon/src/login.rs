@@ -56,7 +56,7 @@ struct Pending {
     /// Where the outcome goes.
     outcome: Outcome,
     /// The redirect listener; aborted when the login ends or is replaced.
-    listener: tokio::task::AbortHandle,
+    listener: tokio::task::JoinHandle<()>,
 }
 
 impl Logins {
@@ -107,6 +107,17 @@ pub async fn begin(
         .into_iter()
         .collect();
 
+    // A newer login replaces a pending one (say, of a `spotokctl login` that was interrupted).
+    // Its listener must be gone before binding, or a fixed redirect port would be "in use".
+    let old = handle.logins.lock().take();
+    if let Some(old) = old {
+        old.listener.abort();
+        let _ = old.listener.await;
+        old.outcome.send_replace(Some(Err(Failure::new(
+            ErrorKind::Failed,
+            "replaced by a newer login",
+        ))));
+    }
     let (listener, redirect_uri) = bind_redirect(&config).await?;
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
     let client = oauth2::basic::BasicClient::new(ClientId::new(client_id))
@@ -128,11 +139,12 @@ pub async fn begin(
         redirect_uri: redirect_uri.clone(),
         scopes,
         outcome: outcome.clone(),
-        listener: serve.abort_handle(),
+        listener: serve,
     };
-    if let Some(old) = handle.logins.lock().replace(pending) {
-        old.listener.abort();
-        old.outcome.send_replace(Some(Err(Failure::new(
+    if let Some(racing) = handle.logins.lock().replace(pending) {
+        // Two logins started at once: the later one wins.
+        racing.listener.abort();
+        racing.outcome.send_replace(Some(Err(Failure::new(
             ErrorKind::Failed,
             "replaced by a newer login",
         ))));

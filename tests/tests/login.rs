@@ -263,3 +263,30 @@ fn first_run_login_says_what_to_do_and_client_id_is_written() {
     let out = env.ctl(&["login", "--no-browser", "--client-id", "bad id!"]);
     out.expect_code(2);
 }
+
+#[test]
+fn an_interrupted_login_on_a_fixed_port_does_not_block_the_next() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let fake = FakeSpotify::start();
+    let env = Env::new();
+    env.configure(
+        &fake,
+        &format!("redirect_uri = \"http://127.0.0.1:{port}/callback\""),
+    );
+    let _d = env.daemon(&[]);
+    let mut first = LoginRun::start(&env, &["--no-browser"]);
+    let _ = first.url();
+    drop(first); // Ctrl-C: the daemon still holds the first login's listener.
+    let mut second = LoginRun::start(&env, &["--no-browser"]);
+    let url = second.url();
+    let redirect = location(&url);
+    assert!(redirect.starts_with(&format!("http://127.0.0.1:{port}/callback?")));
+    let (code, _, page) = http_get(&redirect);
+    assert_eq!(code, 200, "{page}");
+    let (exit, stderr) = second.finish();
+    assert_eq!(exit, Some(0), "{stderr}");
+}
