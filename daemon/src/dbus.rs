@@ -17,10 +17,10 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use enumflags2::BitFlags;
 use spotok_proto::dbus::{NAME, PATH};
 use spotok_proto::ErrorKind;
 use tokio::sync::watch;
-use enumflags2::BitFlags;
 use zbus::fdo::RequestNameReply;
 use zbus::object_server::SignalEmitter;
 use zbus::Connection;
