@@ -23,6 +23,17 @@ pub struct Conn {
 impl Conn {
     /// Connects to `path` and exchanges hellos. `timeout` bounds every read.
     pub fn open(path: &Path, timeout: Option<Duration>) -> Result<Self, Fail> {
+        Self::open_with(path, timeout, None).map(|(conn, _)| conn)
+    }
+
+    /// Like [`Conn::open`], and sends `first` in the same write as the hello, so a one-shot
+    /// verb costs one round trip to spotokd instead of two. The daemon answers lines in
+    /// order, so the hello's answer (or a refusal) still comes first.
+    pub fn open_with(
+        path: &Path,
+        timeout: Option<Duration>,
+        first: Option<&Request>,
+    ) -> Result<(Self, Option<Reply>), Fail> {
         if let Some(dir) = path.parent().filter(|d| {
             d.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("spotok"))
@@ -52,8 +63,15 @@ impl Conn {
             protocol: PROTOCOL_VERSION,
             client: concat!("spotokctl ", env!("CARGO_PKG_VERSION")).into(),
         };
-        match conn.ask(&hello)? {
-            Reply::Hello { protocol, .. } if protocol == PROTOCOL_VERSION => Ok(conn),
+        let mut bytes = line(&hello)?;
+        if let Some(first) = first {
+            bytes.extend_from_slice(&line(first)?);
+        }
+        match conn.exchange(&bytes)? {
+            Reply::Hello { protocol, .. } if protocol == PROTOCOL_VERSION => {
+                let reply = first.map(|_| conn.read()).transpose()?;
+                Ok((conn, reply))
+            }
             Reply::Hello { protocol, version } => Err(Fail::new(
                 ErrorKind::ProtocolMismatch,
                 format!(
@@ -67,7 +85,13 @@ impl Conn {
 
     /// Sends a request and reads its reply; an error reply becomes a [`Fail`].
     pub fn ask(&mut self, request: &Request) -> Result<Reply, Fail> {
-        match self.send(request) {
+        self.exchange(&line(request)?)
+    }
+
+    /// Writes request lines and reads the first reply.
+    fn exchange(&mut self, bytes: &[u8]) -> Result<Reply, Fail> {
+        let sent = self.stream.get_mut().write_all(bytes);
+        match sent.map_err(|e| self.lost(&e)) {
             Ok(()) => self.read(),
             // spotokd may have refused the connection and said why before closing.
             Err(lost) => match self.read() {
@@ -79,9 +103,7 @@ impl Conn {
 
     /// Sends a request without reading.
     pub fn send(&mut self, request: &Request) -> Result<(), Fail> {
-        let mut bytes =
-            serde_json::to_vec(request).map_err(|e| Fail::new(ErrorKind::Failed, e.to_string()))?;
-        bytes.push(b'\n');
+        let bytes = line(request)?;
         self.stream
             .get_mut()
             .write_all(&bytes)
@@ -123,6 +145,14 @@ impl Conn {
             ),
         )
     }
+}
+
+/// One request line, newline included.
+fn line(request: &Request) -> Result<Vec<u8>, Fail> {
+    let mut bytes =
+        serde_json::to_vec(request).map_err(|e| Fail::new(ErrorKind::Failed, e.to_string()))?;
+    bytes.push(b'\n');
+    Ok(bytes)
 }
 
 /// A reply that does not fit the request.

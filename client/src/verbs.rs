@@ -80,19 +80,20 @@ fn token(
 ) -> Result<(String, u64, Vec<String>), Fail> {
     // The daemon answers `unavailable` itself once it knows it cannot make the deadline;
     // the read timeout is the backstop.
-    let mut conn = Conn::open(socket, Some(timeout + Duration::from_secs(2)))?;
     let request = Request::Get {
         min_valid_secs: min_valid.as_secs(),
         scopes,
         wait_secs: timeout.as_secs(),
     };
-    match conn.ask(&request)? {
-        Reply::Token {
+    let read_timeout = Some(timeout + Duration::from_secs(2));
+    match Conn::open_with(socket, read_timeout, Some(&request))?.1 {
+        None => Err(Fail::new(ErrorKind::Failed, "spotokd sent no reply")),
+        Some(Reply::Token {
             access_token,
             expires_at,
             scopes,
-        } => Ok((access_token.expose().to_string(), expires_at, scopes)),
-        other => Err(unexpected(&other)),
+        }) => Ok((access_token.expose().to_string(), expires_at, scopes)),
+        Some(other) => Err(unexpected(&other)),
     }
 }
 

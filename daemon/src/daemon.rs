@@ -75,6 +75,9 @@ pub async fn run(opts: Options, ready: impl FnOnce()) -> Result<(), String> {
         .user_agent(concat!("spotok/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(30))
+        // One token request an hour: a kept-alive connection saves nothing and costs wake-ups
+        // (hyper's idle-pool timer, the server closing it).
+        .pool_max_idle_per_host(0)
         .build()
         .map_err(|e| format!("cannot set up HTTPS: {e}"))?;
     let readable = loaded.is_ok();

@@ -37,6 +37,9 @@ const WAIT: Duration = Duration::from_secs(20);
 const RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest wait between reconnection attempts.
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Longest wait while there has never been a bus (a headless machine): an idle daemon should
+/// not wake every minute for a bus that is not coming.
+const RETRY_MAX_NO_BUS: Duration = Duration::from_secs(3600);
 /// A connection that lasted this long resets the backoff.
 const STABLE: Duration = Duration::from_secs(60);
 
@@ -213,6 +216,7 @@ pub async fn serve(handle: Handle, mut shutdown: watch::Receiver<bool>) {
     let mut retry = RETRY_MIN;
     // Whether the latest failure was reported; later ones stay quiet until a success.
     let mut reported = false;
+    let mut ever_connected = false;
     loop {
         if *shutdown.borrow_and_update() {
             return;
@@ -221,6 +225,7 @@ pub async fn serve(handle: Handle, mut shutdown: watch::Receiver<bool>) {
         let mirror = Mirror::new(&handle);
         match connect(&handle).await {
             Ok((conn, reply)) => {
+                ever_connected = true;
                 let since = Instant::now();
                 if reply == RequestNameReply::InQueue {
                     tracing::warn!(
@@ -261,7 +266,12 @@ pub async fn serve(handle: Handle, mut shutdown: watch::Receiver<bool>) {
             () = tokio::time::sleep(retry) => {}
             _ = shutdown.changed() => return,
         }
-        retry = (retry * 2).min(RETRY_MAX);
+        let max = if ever_connected {
+            RETRY_MAX
+        } else {
+            RETRY_MAX_NO_BUS
+        };
+        retry = (retry * 2).min(max);
     }
 }
 

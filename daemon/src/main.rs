@@ -115,8 +115,11 @@ fn start(args: &Args) -> anyhow::Result<ExitCode> {
 }
 
 fn run(opts: Options, ready: impl FnOnce()) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: a request is ~3 µs of work, so a second worker buys nothing, and one thread
+    // means one malloc arena (BENCHMARKS.md). Blocking-pool threads (file store, DNS) stay
+    // parked instead of exiting after 10 s, so an idle daemon is not woken by their exits.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .thread_keep_alive(std::time::Duration::MAX)
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
@@ -129,6 +132,8 @@ fn run(opts: Options, ready: impl FnOnce()) -> anyhow::Result<()> {
 /// journald, which adds its own.
 fn init_logging() {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = std::env::var("SPOTOK_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
@@ -139,15 +144,22 @@ fn init_logging() {
     } else {
         format!("warn,spotokd={filter}")
     };
+    // `Targets` rather than `EnvFilter`: the same `target=level` syntax without the regex
+    // engine (a quarter of a megabyte of code mapped into every spotokd).
+    let targets: tracing_subscriber::filter::Targets = filter.parse().unwrap_or_else(|e| {
+        eprintln!("spotokd: ignoring SPOTOK_LOG={filter:?} ({e}); logging at info");
+        tracing_subscriber::filter::Targets::new()
+            .with_default(tracing::Level::WARN)
+            .with_target("spotokd", tracing::Level::INFO)
+    });
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
+        builder.without_time().finish().with(targets).init();
     } else {
-        builder.init();
+        builder.finish().with(targets).init();
     }
 }
 

@@ -184,7 +184,7 @@ impl Connection {
             );
             return send(&mut write, &reply).await;
         }
-        let mut read = BufReader::with_capacity(4096, read);
+        let mut read = BufReader::with_capacity(512, read);
         let mut line = Vec::with_capacity(256);
         let mut greeted = false;
         loop {
