@@ -639,7 +639,7 @@ impl Manager {
                 let margin_changed = config.refresh_margin != self.config.refresh_margin;
                 self.config = config;
                 if margin_changed && self.failures == 0 {
-                    self.schedule(now);
+                    self.schedule();
                 }
                 if self.can_refresh() && self.token.is_none() && self.next_refresh.is_none() {
                     self.next_refresh = Some(now);
@@ -826,11 +826,11 @@ impl Manager {
         };
         self.token = Some(token.clone());
         self.refreshes += 1;
-        self.schedule(now);
+        self.schedule();
         token
     }
 
-    fn schedule(&mut self, _now: SystemTime) {
+    fn schedule(&mut self) {
         self.next_refresh = self.token.as_ref().map(|t| {
             policy::refresh_at(
                 t.issued_at,
